@@ -1,0 +1,60 @@
+"""The ``EnergyMeter`` interface and its registry. Meters say whether their figures are measured
+(a hardware counter or sensor) or modelled (a power model)."""
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class Measurement:
+    """Energy and time over a named window (Zeus-style ``begin_window`` / ``end_window``)."""
+
+    name: str
+    time_s: float
+    energy_j: float
+    measured: bool
+    too_short: bool = False  # the window was shorter than the meter's update period
+
+
+class EnergyMeter(abc.ABC):
+    """Energy consumed since start, current power, remaining budget.
+
+    ``measured`` is True when figures come from hardware, False when they are modelled.
+    ``budget_j`` is E_max (None: unlimited); ``remaining_j()`` is E_i = budget - consumed.
+    """
+
+    measured: bool = False
+    name: str = "meter"
+
+    def __init__(self, budget_j: float | None = None):
+        if budget_j is not None and budget_j < 0:
+            raise ValueError(f"budget_j must be >= 0, got {budget_j}")
+        self.budget_j = budget_j
+        self._windows: dict[str, tuple[float, float]] = {}
+
+    @abc.abstractmethod
+    def energy_j(self) -> float:
+        """Energy consumed since the meter started, in joules."""
+
+    @abc.abstractmethod
+    def power_w(self) -> float:
+        """Current power draw in watts."""
+
+    def remaining_j(self) -> float | None:
+        if self.budget_j is None:
+            return None
+        return max(0.0, self.budget_j - self.energy_j())
+
+    def begin_window(self, name: str) -> None:
+        self._windows[name] = (time.perf_counter(), self.energy_j())
+
+    def end_window(self, name: str) -> Measurement:
+        if name not in self._windows:
+            raise ValueError(f"no open energy window named {name!r}")
+        t0, e0 = self._windows.pop(name)
+        return Measurement(name, time.perf_counter() - t0, self.energy_j() - e0, self.measured)
+
+    def close(self) -> None:
+        """Stop background work (sampling threads)."""

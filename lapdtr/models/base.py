@@ -1,0 +1,348 @@
+"""Units: a model as an ordered list of sub-modules, and exact partitions of it into stages.
+
+A family adapter (one per model family, registered with :func:`register_adapter`) lists the units
+of a model instance. Each unit names the host-model modules and parameters it owns and a small
+function that runs them on the host's own submodules and methods (``patch_embed``, ``blocks[i]``,
+``forward_head`` ...), so no forward body of the host is copied. Running the units in order equals
+``model(x)`` exactly; that is the invariant the tests hold every adapter to.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Unit", "Adapter", "Stage", "register_adapter", "list_adapters", "get_adapter",
+    "get_adapter_for_name", "list_supported_models", "units", "partition", "resolve_cuts",
+    "create_model", "default_img_size", "unit_owned_names",
+]
+
+UNIT_KINDS = ("embed", "block", "stage", "head")
+FORMATS = ("image", "tokens", "map", "map_nhwc", "logits")
+
+
+@dataclass
+class Unit:
+    """One unit of a model.
+
+    ``modules`` are the dotted names (in the host model) of the modules and parameters this unit
+    owns; ``fn(host, x)`` runs the unit. ``in_format``/``out_format`` say what passes between units:
+    ``image`` (B,3,H,W), ``tokens`` (B,N,C), ``map`` (B,C,H,W), ``map_nhwc`` (B,H,W,C) or
+    ``logits`` (B,K). ``out_shape`` is measured for batch 1 at the image size given to
+    :func:`units`.
+    """
+
+    index: int
+    name: str
+    kind: str
+    modules: tuple[str, ...]
+    fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = field(repr=False, compare=False)
+    in_format: str = "image"
+    out_format: str = "tokens"
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(dataclasses.replace(self, fn=None))
+        d.pop("fn")
+        d["modules"] = list(self.modules)
+        d["in_shape"] = list(self.in_shape)
+        d["out_shape"] = list(self.out_shape)
+        return d
+
+
+@dataclass
+class UnitSpec:
+    """What an adapter returns for one unit, before shapes are measured."""
+
+    name: str
+    kind: str
+    modules: tuple[str, ...]
+    fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    out_format: str
+
+    def __post_init__(self):
+        assert self.kind in UNIT_KINDS, self.kind
+        assert self.out_format in FORMATS, self.out_format
+        self.modules = tuple(self.modules)
+
+
+@dataclass
+class Adapter:
+    """A model family: which instances it handles, which names it supports, how to list units."""
+
+    name: str
+    model_types: tuple[type, ...]
+    patterns: tuple[str, ...]
+    examples: tuple[str, ...]
+    build: Callable[[nn.Module], list[UnitSpec]]
+    description: str = ""
+
+    def matches(self, model: nn.Module) -> bool:
+        return type(model) in self.model_types
+
+    def supports_name(self, model_name: str) -> bool:
+        return any(fnmatch.fnmatch(model_name, p) for p in self.patterns)
+
+
+_ADAPTERS: dict[str, Adapter] = {}
+
+
+def register_adapter(name: str, *, model_types: Sequence[type], patterns: Sequence[str],
+                     examples: Sequence[str], description: str = ""):
+    """Decorator: register ``fn(model) -> list[UnitSpec]`` as the adapter of a family."""
+
+    def deco(fn):
+        if name in _ADAPTERS:
+            raise ValueError(f"adapter {name!r} is registered twice")
+        _ADAPTERS[name] = Adapter(name, tuple(model_types), tuple(patterns), tuple(examples), fn,
+                                  description or (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+
+    return deco
+
+
+def list_adapters() -> list[Adapter]:
+    return list(_ADAPTERS.values())
+
+
+def _supported_text() -> str:
+    return "; ".join(f"{a.name}: {', '.join(a.patterns)}" for a in _ADAPTERS.values())
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    for a in _ADAPTERS.values():
+        if a.matches(model):
+            return a
+    raise ValueError(
+        f"unsupported model class {type(model).__name__!r}; supported families: {_supported_text()}")
+
+
+def get_adapter_for_name(model_name: str) -> Adapter:
+    for a in _ADAPTERS.values():
+        if a.supports_name(model_name):
+            return a
+    raise ValueError(f"unsupported model {model_name!r}; supported families: {_supported_text()}")
+
+
+def list_supported_models() -> dict[str, list[str]]:
+    """Family -> the timm model names it supports (registered in timm and matching its patterns)."""
+    import timm
+
+    out = {}
+    for a in _ADAPTERS.values():
+        names = sorted({n for p in a.patterns for n in timm.list_models(p)})
+        out[a.name] = names
+    return out
+
+
+def create_model(model_name: str, *, pretrained: bool = False, **kwargs) -> nn.Module:
+    """``timm.create_model`` for a supported model, in eval mode; a clear error otherwise."""
+    import timm
+
+    get_adapter_for_name(model_name)
+    if model_name not in timm.list_models():
+        known = list_supported_models()[get_adapter_for_name(model_name).name]
+        raise ValueError(f"unknown model {model_name!r}; this family has: {', '.join(known)}")
+    return timm.create_model(model_name, pretrained=pretrained, **kwargs).eval()
+
+
+def default_img_size(model: nn.Module) -> int:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size", (3, 224, 224))
+    return int(size[-1])
+
+
+def _in_chans(model: nn.Module) -> int:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return int(cfg.get("input_size", (3, 224, 224))[0])
+
+
+def _get(host: nn.Module, dotted: str):
+    obj = host
+    for part in dotted.split("."):
+        obj = getattr(obj, part) if not part.isdigit() or not isinstance(obj, (nn.Sequential, nn.ModuleList)) else obj[int(part)]
+    return obj
+
+
+def unit_owned_names(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """Fully qualified parameter and buffer names owned by the given module/param names."""
+    sd_keys = list(model.state_dict(keep_vars=True).keys())
+    out = []
+    for n in names:
+        out += [k for k in sd_keys if k == n or k.startswith(n + ".")]
+    return out
+
+
+def units(model: nn.Module, img_size: int | None = None, *, batch_size: int = 1) -> list[Unit]:
+    """The ordered units of ``model``, with input/output shapes measured at ``img_size``.
+
+    Raises ``ValueError`` for an unsupported model or an image size the model cannot take.
+    """
+    adapter = get_adapter(model)
+    specs = adapter.build(model)
+    img_size = default_img_size(model) if img_size is None else int(img_size)
+    if img_size <= 0:
+        raise ValueError(f"img_size must be a positive integer, got {img_size}")
+    x = torch.zeros(batch_size, _in_chans(model), img_size, img_size,
+                    dtype=next(model.parameters()).dtype, device=next(model.parameters()).device)
+    out: list[Unit] = []
+    fmt = "image"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, s in enumerate(specs):
+                in_shape = tuple(x.shape)
+                try:
+                    x = s.fn(model, x)
+                except Exception as e:  # the model rejects this input size
+                    raise ValueError(
+                        f"{adapter.name} model {type(model).__name__} cannot take image size "
+                        f"{img_size}: unit {s.name!r} failed with: {e}") from e
+                out.append(Unit(i, s.name, s.kind, s.modules, s.fn, fmt, s.out_format, in_shape,
+                                tuple(x.shape)))
+                fmt = s.out_format
+    finally:
+        model.train(was_training)
+    return out
+
+
+def resolve_cuts(unit_list: Sequence[Unit], cuts: Sequence[int | str]) -> list[int]:
+    """Cuts as unit indices: a cut ``c`` starts a new stage at unit ``c`` (1 <= c < len(units)).
+
+    A cut may be given as a unit name (``"blocks.6"``) or a module name owned by a unit.
+    """
+    n = len(unit_list)
+    by_name = {}
+    for u in unit_list:
+        by_name[u.name] = u.index
+        for m in u.modules:
+            by_name.setdefault(m, u.index)
+    idx = []
+    for c in cuts:
+        if isinstance(c, str):
+            if c not in by_name:
+                raise ValueError(f"cut {c!r} is not a unit or module name; units are: "
+                                 f"{', '.join(u.name for u in unit_list)}")
+            c = by_name[c]
+        elif isinstance(c, bool) or not isinstance(c, int):
+            raise ValueError(f"cut {c!r} must be a unit index (int) or a unit name (str)")
+        if not 1 <= c < n:
+            raise ValueError(f"cut {c} is out of range: a cut must lie in 1..{n - 1} for a model "
+                             f"of {n} units")
+        idx.append(int(c))
+    for a, b in zip(idx, idx[1:]):
+        if b <= a:
+            raise ValueError(f"cuts must be strictly increasing, got {list(cuts)}")
+    return idx
+
+
+class _Container(nn.Module):
+    """An empty module used to rebuild the host's dotted names inside a stage."""
+
+
+class Stage(nn.Module):
+    """Units ``[start, end)`` of a host model, as an ``nn.Module`` sharing the host's parameters.
+
+    The owned modules and parameters are registered under their host names, so the stage's
+    ``state_dict`` keys are the timm keys and a timm checkpoint loads into it (``strict=False``
+    for the keys of other stages, or :meth:`load_host_state_dict`).
+    """
+
+    def __init__(self, host: nn.Module, unit_list: Sequence[Unit], start: int, end: int,
+                 index: int = 0):
+        super().__init__()
+        self._host = [host]  # not registered: only the owned parts belong to the stage
+        self._units = list(unit_list[start:end])
+        self.index = index
+        self.start, self.end = start, end
+        for u in self._units:
+            for name in u.modules:
+                self._attach(host, name)
+
+    def _attach(self, host: nn.Module, dotted: str) -> None:
+        parts = dotted.split(".")
+        parent_self, parent_host = self, host
+        for p in parts[:-1]:
+            parent_host = parent_host._modules[p] if p in parent_host._modules else getattr(parent_host, p)
+            if p not in parent_self._modules:
+                parent_self.add_module(p, _Container())
+            parent_self = parent_self._modules[p]
+        last = parts[-1]
+        if last in parent_host._modules:
+            mod = parent_host._modules[last]
+            if mod is not None:
+                parent_self.add_module(last, mod)
+        elif last in parent_host._parameters:
+            p = parent_host._parameters[last]
+            if p is not None:
+                parent_self.register_parameter(last, p)
+        elif last in parent_host._buffers:
+            b = parent_host._buffers[last]
+            if b is not None:
+                parent_self.register_buffer(last, b)
+        else:
+            raise AssertionError(f"{dotted} is not a module, parameter or buffer of the host")
+
+    @property
+    def host(self) -> nn.Module:
+        return self._host[0]
+
+    @property
+    def units(self) -> list[Unit]:
+        return list(self._units)
+
+    @property
+    def unit_names(self) -> list[str]:
+        return [u.name for u in self._units]
+
+    @property
+    def in_format(self) -> str:
+        return self._units[0].in_format
+
+    @property
+    def out_format(self) -> str:
+        return self._units[-1].out_format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        host = self._host[0]
+        for u in self._units:
+            x = u.fn(host, x)
+        return x
+
+    def load_host_state_dict(self, state_dict: dict, strict: bool = True):
+        """Load the entries of a full-model (timm) state_dict that belong to this stage."""
+        own = self.state_dict()
+        sub = {k: v for k, v in state_dict.items() if k in own}
+        missing = sorted(set(own) - set(sub))
+        if strict and missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} keys of stage {self.index}: "
+                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        return self.load_state_dict(sub, strict=strict)
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, units=[{self.start}, {self.end}): {', '.join(self.unit_names)}"
+
+    def train(self, mode: bool = True):
+        # the host's train/eval flags drive functional dropout etc. in host methods
+        super().train(mode)
+        return self
+
+
+def partition(model: nn.Module, cuts: Sequence[int | str] = (), *, img_size: int | None = None,
+              unit_list: Sequence[Unit] | None = None) -> list[Stage]:
+    """Split ``model`` at ``cuts`` into stages that share its parameters.
+
+    ``cuts`` are unit indices or names, strictly increasing; ``k`` cuts give ``k + 1`` stages.
+    Running the stages in order equals ``model(x)`` exactly.
+    """
+    ul = list(unit_list) if unit_list is not None else units(model, img_size)
+    idx = resolve_cuts(ul, cuts)
+    bounds = [0, *idx, len(ul)]
+    return [Stage(model, ul, a, b, index=i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]

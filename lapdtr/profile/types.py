@@ -1,0 +1,123 @@
+"""Profile artifacts: ``ModelProfile`` (per-unit costs) and ``DeviceProfile`` (what a device can
+do). Plain dataclasses that round-trip through JSON (``profile.json``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .._json import from_jsonable, load_json, save_json, to_jsonable
+
+
+@dataclass
+class UnitProfile:
+    """Costs of one unit for one input (the profile's batch size).
+
+    ``flops``: floating point operations counted by ``torch.utils.flop_counter`` (a multiply-add
+    counts 2). ``param_bytes``: bytes of the parameters and buffers the unit owns.
+    ``in_bytes``/``out_bytes``: bytes of the activation entering / leaving the unit.
+    ``peak_bytes``: largest total of live tensors the unit allocated while running, measured, plus
+    its input. ``latency_s``: median of measured repeats after warm-up on the profiling device.
+    """
+
+    index: int
+    name: str
+    kind: str
+    modules: list[str]
+    in_format: str
+    out_format: str
+    in_shape: list[int]
+    out_shape: list[int]
+    flops: int
+    num_params: int
+    param_bytes: int
+    in_bytes: int
+    out_bytes: int
+    peak_bytes: int
+    latency_s: float
+    latency_repeats: int = 0
+
+
+@dataclass
+class ModelProfile:
+    model: str
+    family: str
+    img_size: int
+    batch_size: int
+    dtype: str
+    device: str
+    units: list[UnitProfile]
+    total_flops: int
+    model_flops: int  # the whole model measured in one FlopCounterMode, for checking the sum
+    total_latency_s: float
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def num_units(self) -> int:
+        return len(self.units)
+
+    def to_dict(self) -> dict:
+        return to_jsonable(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelProfile":
+        return from_jsonable(cls, d)
+
+    def save(self, path):
+        return save_json(self, path)
+
+    @classmethod
+    def load(cls, path) -> "ModelProfile":
+        return load_json(cls, path)
+
+
+@dataclass
+class LinkProfile:
+    """A link to a peer: bandwidth in bytes/s and one-way latency in s."""
+
+    peer: str
+    bandwidth_bps: float
+    latency_s: float
+    measured: bool = False
+
+
+@dataclass
+class DeviceProfile:
+    """What one device can do. Measured (``measure_device``) or read from a device YAML file.
+
+    ``gflops``: sustained GFLOP/s (measured with a matmul benchmark, or given).
+    ``memory_bytes``: memory available for the model. ``power_active_w``/``power_idle_w``: the
+    power model; ``energy_per_byte_j``: J per byte sent or received. ``energy_budget_j`` is
+    E_max; ``energy_remaining_j`` is E_i (None: not energy-limited).
+    """
+
+    name: str
+    kind: str = "cpu"  # cpu | cuda | jetson | simulated
+    gflops: float = 1.0
+    memory_bytes: int = 0
+    power_active_w: float = 0.0
+    power_idle_w: float = 0.0
+    energy_per_byte_j: float = 0.0
+    energy_budget_j: float | None = None
+    energy_remaining_j: float | None = None
+    energy_min_j: float = 0.0
+    meter: str = "null"
+    links: list[LinkProfile] = field(default_factory=list)
+    measured: dict = field(default_factory=dict)  # which fields were measured (True) or given
+
+    @property
+    def joules_per_flop(self) -> float:
+        """Energy cost of one FLOP: active power / throughput (lapdtr's corrected LAP-DTR cost)."""
+        return self.power_active_w / (self.gflops * 1e9)
+
+    def to_dict(self) -> dict:
+        return to_jsonable(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DeviceProfile":
+        return from_jsonable(cls, d)
+
+    def save(self, path):
+        return save_json(self, path)
+
+    @classmethod
+    def load(cls, path) -> "DeviceProfile":
+        return load_json(cls, path)

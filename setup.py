@@ -1,0 +1,24 @@
+from setuptools import setup
+
+setup(
+    name="lapdtr",
+    version="0.1.0",
+    description="Energy-aware, elastic, distributed vision models on torch.distributed (LAP-DTR)",
+    python_requires=">=3.10",
+    packages=[
+        "lapdtr", "lapdtr.models", "lapdtr.profile", "lapdtr.energy", "lapdtr.plan",
+        "lapdtr.runtime", "lapdtr.elastic", "lapdtr.summarize", "lapdtr.transfer", "lapdtr.data",
+        "lapdtr.kernels",
+    ],
+    package_dir={"lapdtr.kernels": "kernels"},
+    package_data={"lapdtr": ["configs/**/*.yaml"]},
+    install_requires=[
+        "torch>=2.4", "timm>=1.0.15", "torchvision", "numpy", "scipy", "pyyaml", "safetensors",
+        "matplotlib", "tqdm", "psutil",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout", "hypothesis"],
+        "nvml": ["nvidia-ml-py"],
+    },
+    entry_points={"console_scripts": ["lapdtr=lapdtr.cli:main"]},
+)
