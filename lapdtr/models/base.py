@@ -82,6 +82,7 @@ class Adapter:
     examples: tuple[str, ...]
     build: Callable[[nn.Module], list[UnitSpec]]
     description: str = ""
+    img_size_kwarg: bool = False  # the timm class takes ``img_size=`` at creation
 
     def matches(self, model: nn.Module) -> bool:
         return type(model) in self.model_types
@@ -94,14 +95,19 @@ _ADAPTERS: dict[str, Adapter] = {}
 
 
 def register_adapter(name: str, *, model_types: Sequence[type], patterns: Sequence[str],
-                     examples: Sequence[str], description: str = ""):
-    """Decorator: register ``fn(model) -> list[UnitSpec]`` as the adapter of a family."""
+                     examples: Sequence[str], description: str = "", img_size_kwarg: bool = False):
+    """Decorator: register ``fn(model) -> list[UnitSpec]`` as the adapter of a family.
+
+    ``img_size_kwarg``: the family's timm class takes ``img_size=`` (positional embeddings,
+    attention biases sized at creation), so :func:`create_model` passes it on.
+    """
 
     def deco(fn):
         if name in _ADAPTERS:
             raise ValueError(f"adapter {name!r} is registered twice")
         _ADAPTERS[name] = Adapter(name, tuple(model_types), tuple(patterns), tuple(examples), fn,
-                                  description or (fn.__doc__ or "").strip().splitlines()[0])
+                                  description or (fn.__doc__ or "").strip().splitlines()[0],
+                                  img_size_kwarg)
         return fn
 
     return deco
@@ -141,15 +147,31 @@ def list_supported_models() -> dict[str, list[str]]:
     return out
 
 
-def create_model(model_name: str, *, pretrained: bool = False, **kwargs) -> nn.Module:
-    """``timm.create_model`` for a supported model, in eval mode; a clear error otherwise."""
+def create_model(model_name: str, *, pretrained: bool = False, img_size: int | None = None,
+                 **kwargs) -> nn.Module:
+    """``timm.create_model`` for a supported model, in eval mode; a clear error otherwise.
+
+    ``img_size`` is passed to timm for families whose models are built for one input size
+    (ViT, TinyViT, EfficientViT-M); other families take any size at run time.
+    """
     import timm
 
-    get_adapter_for_name(model_name)
+    adapter = get_adapter_for_name(model_name)
     if model_name not in timm.list_models():
-        known = list_supported_models()[get_adapter_for_name(model_name).name]
-        raise ValueError(f"unknown model {model_name!r}; this family has: {', '.join(known)}")
-    return timm.create_model(model_name, pretrained=pretrained, **kwargs).eval()
+        known = list_supported_models()[adapter.name]
+        raise ValueError(f"unknown model {model_name!r}; the {adapter.name} family has: "
+                         f"{', '.join(known)}")
+    if img_size is not None and adapter.img_size_kwarg:
+        kwargs["img_size"] = int(img_size)
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"cannot create {model_name!r} with {kwargs}: {e}") from e
+    if not adapter.matches(model):
+        raise ValueError(
+            f"model {model_name!r} is a {type(model).__name__}, which the {adapter.name} adapter "
+            f"does not handle (it handles {', '.join(t.__name__ for t in adapter.model_types)})")
+    return model.eval()
 
 
 def default_img_size(model: nn.Module) -> int:

@@ -44,7 +44,7 @@ def _msra_head(m, x):
 
 
 @register_adapter("efficientvit_m", model_types=[EfficientVitMsra], patterns=["efficientvit_m*"],
-                  examples=["efficientvit_m0"])
+                  examples=["efficientvit_m0"], img_size_kwarg=True)
 def efficientvit_msra_units(model):
     """EfficientViT-M (CVPR'23, cascaded group attention): patch embed, blocks, head."""
     specs = _stage_units(model, "patch_embed")

@@ -32,6 +32,7 @@ def _head(m, x):
     patterns=["vit_*", "deit_*", "deit3_*"],
     examples=["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "deit3_small_patch16_224",
               "vit_tiny_patch16_224"],
+    img_size_kwarg=True,
 )
 def vit_units(model):
     """ViT / DeiT / DeiT III: embed, one unit per block, head."""

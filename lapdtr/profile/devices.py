@@ -1,0 +1,352 @@
+"""Device files: a YAML (or JSON) list of devices and the links between them, read strictly into
+``DeviceProfile``s (list order = rank order) and written back.
+
+Schema::
+
+    description: free text                       # optional
+    devices:                                     # required, one entry per rank, in rank order
+      - name: tx2-0                              # required, unique
+        kind: jetson                             # cpu | cuda | jetson | simulated (default cpu)
+        gflops: 665.6                            # required, sustained GFLOP/s, > 0
+        memory: 8GiB                             # required, bytes: int or "4GiB", "512MB", ...
+        power_active_w: 15.0                     # >= 0 (default 0)
+        power_idle_w: 1.9                        # >= 0, <= power_active_w (default 0)
+        energy_per_byte_j: 4.0e-9                # J per byte sent or received, >= 0 (default 0)
+        energy_budget_j: 342Wh                   # E_max: J or "342Wh", "1.2MJ"; null = unlimited
+        energy_remaining_j: 1.0e6                # E_i, 0..E_max (default E_max)
+        energy_min_j: 5.0e4                      # E_min, 0..E_max (default 0)
+        meter: simulated                         # one of lapdtr.energy.list_meters() (default null)
+        measured: {gflops: true}                 # optional: which fields were measured
+    links:                                       # optional, symmetric
+      - {a: tx2-0, b: tx2-1, bandwidth: 1Gbps, latency_ms: 0.2}
+    default_link: {bandwidth: 100Mbps, latency_ms: 2}   # optional: every pair not in links
+
+Bandwidths are bits/s with a ``bps`` unit ("100Mbps", "1Gbps"), bytes/s with ``B/s`` ("12.5MB/s"),
+or a plain number of bytes/s; ``LinkProfile.bandwidth_bps`` holds bytes/s."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from .types import DeviceProfile, LinkProfile
+
+KINDS = ("cpu", "cuda", "jetson", "simulated")
+TOP_KEYS = ("description", "devices", "links", "default_link")
+DEVICE_KEYS = ("name", "kind", "gflops", "memory", "power_active_w", "power_idle_w",
+               "energy_per_byte_j", "energy_budget_j", "energy_remaining_j", "energy_min_j",
+               "meter", "measured")
+REQUIRED_DEVICE_KEYS = ("name", "gflops", "memory")
+LINK_KEYS = ("a", "b", "bandwidth", "latency_ms", "measured")
+DEFAULT_LINK_KEYS = ("bandwidth", "latency_ms")
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+               "t": 1e12, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_ENERGY_UNITS = {"": 1.0, "j": 1.0, "kj": 1e3, "mj": 1e6, "mwh": 3.6, "wh": 3600.0,
+                 "kwh": 3.6e6}
+_PREFIX = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20,
+           "Gi": 2**30}
+_NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def parse_bytes(v) -> int:
+    """Bytes from an int or a string such as "4GiB", "512MB", "1.5 GB" (GB = 1e9, GiB = 2**30)."""
+    if _is_number(v):
+        return int(v)
+    if isinstance(v, str):
+        m = re.fullmatch(_NUMBER + r"\s*([A-Za-z]*)", v.strip())
+        if m and m.group(2).lower() in _SIZE_UNITS:
+            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    raise ValueError(f"expected bytes as an int or a string like '4GiB', '512MB' (units: "
+                     f"B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), got {v!r}")
+
+
+def parse_bandwidth(v) -> float:
+    """Bytes/s from a number (bytes/s), "100Mbps"/"1Gbps"/"10 kbit/s" (bits/s) or "12.5MB/s"
+    (bytes/s)."""
+    if _is_number(v):
+        return float(v)
+    if isinstance(v, str):
+        m = re.fullmatch(_NUMBER + r"\s*(|k|K|M|G|T|Ki|Mi|Gi)(bps|bit/s|b/s|B/s|Bps)", v.strip())
+        if m:
+            value = float(m.group(1)) * _PREFIX[m.group(2)]
+            return value / 8 if m.group(3) in ("bps", "bit/s", "b/s") else value
+    raise ValueError("expected a bandwidth as bytes/s (a number) or a string like '100Mbps', "
+                     f"'1Gbps' (bits/s) or '12.5MB/s' (bytes/s), got {v!r}")
+
+
+def parse_energy(v) -> float:
+    """Joules from a number (J) or a string such as "342Wh", "1.2MJ", "500kJ"."""
+    if _is_number(v):
+        return float(v)
+    if isinstance(v, str):
+        m = re.fullmatch(_NUMBER + r"\s*([A-Za-z]*)", v.strip())
+        if m and m.group(2).lower() in _ENERGY_UNITS and m.group(2) != "mJ":
+            return float(m.group(1)) * _ENERGY_UNITS[m.group(2).lower()]
+    raise ValueError("expected energy in joules (a number) or a string like '342Wh', '1.2MJ', "
+                     f"'500kJ' (units: J, kJ, MJ, mWh, Wh, kWh), got {v!r}")
+
+
+class _Checker:
+    """Builds error messages that name the file, the device (or link) and the key."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, where: str, key: str | None, problem: str):
+        at = f"{self.source}: {where}" + (f": key {key!r}" if key else "")
+        raise ValueError(f"{at}: {problem}")
+
+    def mapping(self, where: str, data, allowed, required=()) -> dict:
+        if not isinstance(data, dict):
+            self.fail(where, None, f"expected a mapping with keys {list(allowed)}, "
+                                   f"got {type(data).__name__} {data!r}")
+        for k in data:
+            if k not in allowed:
+                self.fail(where, k, f"unknown key; allowed: {list(allowed)}")
+        for k in required:
+            if k not in data:
+                self.fail(where, k, f"missing (required keys: {list(required)})")
+        return data
+
+    def number(self, where: str, key: str, v, *, low: float = 0.0, strict: bool = False,
+               parse=None, what: str = "a number") -> float:
+        try:
+            x = parse(v) if parse is not None else v
+        except ValueError as e:
+            self.fail(where, key, str(e))
+        if not _is_number(x):
+            self.fail(where, key, f"expected {what}, got {type(v).__name__} {v!r}")
+        if (strict and not x > low) or (not strict and not x >= low):
+            self.fail(where, key, f"must be {'>' if strict else '>='} {low:g}, got {v!r}")
+        return x
+
+
+def _parse_device(ck: _Checker, i: int, d, meters: list[str]) -> DeviceProfile:
+    where = f"devices[{i}]"
+    if isinstance(d, dict) and isinstance(d.get("name"), str):
+        where = f"device {d['name']!r}"
+    ck.mapping(where, d, DEVICE_KEYS, REQUIRED_DEVICE_KEYS)
+    name = d["name"]
+    if not isinstance(name, str) or not name.strip():
+        ck.fail(where, "name", f"expected a non-empty string, got {name!r}")
+    kind = d.get("kind", "cpu")
+    if kind not in KINDS:
+        ck.fail(where, "kind", f"got {kind!r}; allowed: {list(KINDS)}")
+    meter = d.get("meter", "null")
+    if meter not in meters:
+        ck.fail(where, "meter", f"unknown meter {meter!r}; allowed: {meters}")
+    gflops = ck.number(where, "gflops", d["gflops"], strict=True)
+    memory = ck.number(where, "memory", d["memory"], strict=True, parse=parse_bytes,
+                       what="bytes (an int or a string like '4GiB')")
+    p_active = ck.number(where, "power_active_w", d.get("power_active_w", 0.0))
+    p_idle = ck.number(where, "power_idle_w", d.get("power_idle_w", 0.0))
+    if p_idle > p_active:
+        ck.fail(where, "power_idle_w", f"{p_idle:g} W exceeds power_active_w = {p_active:g} W; "
+                                       f"allowed: 0..{p_active:g}")
+    per_byte = ck.number(where, "energy_per_byte_j", d.get("energy_per_byte_j", 0.0))
+    budget = d.get("energy_budget_j")
+    if budget is not None:
+        budget = ck.number(where, "energy_budget_j", budget, parse=parse_energy)
+    remaining = d.get("energy_remaining_j")
+    e_min = ck.number(where, "energy_min_j", d.get("energy_min_j", 0.0), parse=parse_energy)
+    if remaining is not None:
+        remaining = ck.number(where, "energy_remaining_j", remaining, parse=parse_energy)
+        if budget is None:
+            ck.fail(where, "energy_remaining_j", "given without energy_budget_j (E_max); set "
+                                                 "energy_budget_j too")
+        if remaining > budget:
+            ck.fail(where, "energy_remaining_j", f"{remaining:g} J exceeds energy_budget_j = "
+                                                 f"{budget:g} J; allowed: 0..{budget:g}")
+    elif budget is not None:
+        remaining = budget
+    if budget is not None and e_min > budget:
+        ck.fail(where, "energy_min_j", f"{e_min:g} J exceeds energy_budget_j = {budget:g} J; "
+                                       f"allowed: 0..{budget:g}")
+    if meter == "simulated" and budget is None:
+        ck.fail(where, "energy_budget_j", "meter 'simulated' needs a battery capacity: set "
+                                          "energy_budget_j")
+    measured = d.get("measured", {})
+    if not isinstance(measured, dict) or not all(
+            k in DEVICE_KEYS + ("memory_bytes", "links") and isinstance(v, bool)
+            for k, v in measured.items()):
+        ck.fail(where, "measured", f"expected a mapping from device keys {list(DEVICE_KEYS)} "
+                                   f"to true/false, got {measured!r}")
+    return DeviceProfile(name=name, kind=kind, gflops=float(gflops), memory_bytes=int(memory),
+                         power_active_w=float(p_active), power_idle_w=float(p_idle),
+                         energy_per_byte_j=float(per_byte), energy_budget_j=budget,
+                         energy_remaining_j=remaining, energy_min_j=float(e_min), meter=meter,
+                         links=[], measured=dict(measured))
+
+
+def _parse_link(ck: _Checker, where: str, d, allowed, required) -> tuple[float, float, bool]:
+    ck.mapping(where, d, allowed, required)
+    bandwidth = ck.number(where, "bandwidth", d["bandwidth"], strict=True, parse=parse_bandwidth,
+                          what="a bandwidth")
+    latency_ms = ck.number(where, "latency_ms", d.get("latency_ms", 0.0))
+    measured = d.get("measured", False)
+    if not isinstance(measured, bool):
+        ck.fail(where, "measured", f"expected true/false, got {measured!r}")
+    return bandwidth, latency_ms / 1e3, measured
+
+
+def load_devices_dict(data, *, source: str = "<devices>") -> list[DeviceProfile]:
+    """Devices (rank order) from the parsed contents of a device file; errors name ``source``."""
+    from ..energy import list_meters  # the energy package registers the meters
+
+    ck = _Checker(source)
+    ck.mapping("top level", data, TOP_KEYS, ("devices",))
+    if "description" in data and not isinstance(data["description"], str):
+        ck.fail("top level", "description", f"expected a string, got {data['description']!r}")
+    entries = data["devices"]
+    if not isinstance(entries, list) or not entries:
+        ck.fail("top level", "devices", f"expected a non-empty list of devices, got {entries!r}")
+    meters = list_meters()
+    devices: list[DeviceProfile] = []
+    for i, d in enumerate(entries):
+        dev = _parse_device(ck, i, d, meters)
+        if any(o.name == dev.name for o in devices):
+            ck.fail(f"devices[{i}]", "name", f"duplicate device name {dev.name!r}; names must "
+                                             "be unique")
+        devices.append(dev)
+    names = [d.name for d in devices]
+    pairs: dict[frozenset, LinkProfile] = {}
+    links = data.get("links", [])
+    if not isinstance(links, list):
+        ck.fail("top level", "links", f"expected a list of links, got {links!r}")
+    for j, link in enumerate(links):
+        where = f"links[{j}]"
+        if isinstance(link, dict) and "a" in link and "b" in link:
+            where = f"link {link.get('a')!r}-{link.get('b')!r}"
+        bandwidth, latency_s, measured = _parse_link(ck, where, link, LINK_KEYS,
+                                                     ("a", "b", "bandwidth"))
+        for end in ("a", "b"):
+            if link[end] not in names:
+                ck.fail(where, end, f"unknown device {link[end]!r}; devices: {names}")
+        if link["a"] == link["b"]:
+            ck.fail(where, "b", f"a link joins two different devices, got {link['a']!r} twice")
+        pair = frozenset((link["a"], link["b"]))
+        if pair in pairs:
+            ck.fail(where, None, "duplicate link between the same two devices")
+        pairs[pair] = LinkProfile(peer="", bandwidth_bps=bandwidth, latency_s=latency_s,
+                                  measured=measured)
+    default = None
+    if data.get("default_link") is not None:
+        bandwidth, latency_s, _ = _parse_link(ck, "default_link", data["default_link"],
+                                              DEFAULT_LINK_KEYS, ("bandwidth",))
+        default = LinkProfile(peer="", bandwidth_bps=bandwidth, latency_s=latency_s)
+    for dev in devices:
+        for peer in names:
+            if peer == dev.name:
+                continue
+            link = pairs.get(frozenset((dev.name, peer)), default)
+            if link is not None:
+                dev.links.append(LinkProfile(peer=peer, bandwidth_bps=link.bandwidth_bps,
+                                             latency_s=link.latency_s, measured=link.measured))
+    return devices
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML loader that rejects a key given twice in one mapping (PyYAML keeps the last)."""
+
+
+def _no_duplicates(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def load_devices(path: str | os.PathLike) -> list[DeviceProfile]:
+    """Devices from a YAML (or ``.json``) device file, in rank order."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"device file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, _StrictLoader)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a valid device file: {e}") from e
+    return load_devices_dict(data, source=str(path))
+
+
+def dump_devices_dict(devices: list[DeviceProfile]) -> dict:
+    """The device-file form of ``devices`` (the inverse of ``load_devices_dict``)."""
+    entries, links = [], []
+    names = [d.name for d in devices]
+    for i, d in enumerate(devices):
+        entry = {"name": d.name, "kind": d.kind, "gflops": d.gflops, "memory": d.memory_bytes,
+                 "power_active_w": d.power_active_w, "power_idle_w": d.power_idle_w,
+                 "energy_per_byte_j": d.energy_per_byte_j, "energy_budget_j": d.energy_budget_j,
+                 "energy_remaining_j": d.energy_remaining_j, "energy_min_j": d.energy_min_j,
+                 "meter": d.meter}
+        if d.measured:
+            entry["measured"] = dict(d.measured)
+        entries.append(entry)
+        for link in d.links:
+            if link.peer not in names:
+                raise ValueError(f"device {d.name!r}: link to unknown device {link.peer!r}; "
+                                 f"devices: {names}")
+            if names.index(link.peer) > i:
+                links.append({"a": d.name, "b": link.peer, "bandwidth": link.bandwidth_bps,
+                              "latency_ms": link.latency_s * 1e3, "measured": link.measured})
+    out = {"devices": entries}
+    if links:
+        out["links"] = links
+    return out
+
+
+def save_devices(devices: list[DeviceProfile], path: str | os.PathLike) -> Path:
+    """Write ``devices`` as a device file (YAML, or JSON for a ``.json`` path) that
+    ``load_devices`` reads back to equal profiles. Links are written once per pair (from the
+    lower rank's side)."""
+    data = dump_devices_dict(devices)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(data, indent=2))
+    else:
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def get_device(devices: list[DeviceProfile], name: str) -> DeviceProfile:
+    for d in devices:
+        if d.name == name:
+            return d
+    raise ValueError(f"unknown device {name!r}; devices: {[d.name for d in devices]}")
+
+
+def link_between(devices: list[DeviceProfile], a: str | DeviceProfile,
+                 b: str | DeviceProfile) -> LinkProfile:
+    """The link from ``a`` to ``b`` (names or profiles). A device to itself is free: infinite
+    bandwidth, zero latency. No link between two devices is a ``ValueError`` naming both."""
+    a = a.name if isinstance(a, DeviceProfile) else a
+    b = b.name if isinstance(b, DeviceProfile) else b
+    dev_a, dev_b = get_device(devices, a), get_device(devices, b)
+    if a == b:
+        return LinkProfile(peer=b, bandwidth_bps=math.inf, latency_s=0.0)
+    for src, dst in ((dev_a, b), (dev_b, a)):
+        for link in src.links:
+            if link.peer == dst:
+                return LinkProfile(peer=b, bandwidth_bps=link.bandwidth_bps,
+                                   latency_s=link.latency_s, measured=link.measured)
+    raise ValueError(f"no link between devices {a!r} and {b!r}; {a!r} links to "
+                     f"{[l.peer for l in dev_a.links]}, {b!r} links to "
+                     f"{[l.peer for l in dev_b.links]} (add it under 'links' or set "
+                     "'default_link' in the device file)")
