@@ -352,8 +352,10 @@ class Stage(nn.Module):
         return f"index={self.index}, units=[{self.start}, {self.end}): {', '.join(self.unit_names)}"
 
     def train(self, mode: bool = True):
-        # the host's train/eval flags drive functional dropout etc. in host methods
+        # host methods (e.g. ``forward_head``'s functional dropout) read the host's own flag;
+        # set it without touching the modules of other stages
         super().train(mode)
+        self._host[0].training = mode
         return self
 
 

@@ -175,3 +175,17 @@ def test_unit_owned_names_cover_params():
     ul = units(model)
     owned = [k for u in ul for k in unit_owned_names(model, u.modules)]
     assert sorted(owned) == sorted(model.state_dict())
+
+
+def test_stage_train_mode_reaches_host_methods():
+    model = lapdtr.create_model("resnet18", drop_rate=0.5)
+    (s0, s1) = partition(model, ["head"])
+    s1.train()
+    assert model.training and s1.training and not model.layer1.training
+    x = torch.randn(4, 512, 2, 2)
+    torch.manual_seed(0)
+    a = s1(x)
+    torch.manual_seed(1)
+    assert not torch.equal(a, s1(x))  # dropout in forward_head is active
+    s1.eval()
+    assert not model.training and torch.equal(s1(x), s1(x))
