@@ -174,15 +174,24 @@ def create_model(model_name: str, *, pretrained: bool = False, img_size: int | N
     return model.eval()
 
 
+def _input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, H, W) the model was built with (timm's ``get_model_input_config`` reads the
+    instance's traits, e.g. ``in_chans=1``; ``pretrained_cfg`` keeps the checkpoint's)."""
+    try:
+        from timm.models import get_model_input_config
+
+        return tuple(int(v) for v in get_model_input_config(model)["input_size"])
+    except (ImportError, KeyError, AttributeError, TypeError):
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        return tuple(int(v) for v in cfg.get("input_size", (3, 224, 224)))
+
+
 def default_img_size(model: nn.Module) -> int:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size", (3, 224, 224))
-    return int(size[-1])
+    return _input_size(model)[-1]
 
 
 def _in_chans(model: nn.Module) -> int:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return int(cfg.get("input_size", (3, 224, 224))[0])
+    return _input_size(model)[0]
 
 
 def _get(host: nn.Module, dotted: str):

@@ -189,3 +189,11 @@ def test_stage_train_mode_reaches_host_methods():
     assert not torch.equal(a, s1(x))  # dropout in forward_head is active
     s1.eval()
     assert not model.training and torch.equal(s1(x), s1(x))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "squeezenet1_1", "edgevit_xxs",
+                                  "deit_tiny_patch16_224"])
+def test_models_built_with_other_channels(name):
+    model = lapdtr.create_model(name, in_chans=1, num_classes=10)
+    ul = units(model)
+    assert ul[0].in_shape[1] == 1 and ul[-1].out_shape == (1, 10)
