@@ -25,6 +25,7 @@ Bandwidths are bits/s with a ``bps`` unit ("100Mbps", "1Gbps"), bytes/s with ``B
 or a plain number of bytes/s; ``LinkProfile.bandwidth_bps`` holds bytes/s."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -41,13 +42,14 @@ DEVICE_KEYS = ("name", "kind", "gflops", "memory", "power_active_w", "power_idle
                "energy_per_byte_j", "energy_budget_j", "energy_remaining_j", "energy_min_j",
                "meter", "measured")
 REQUIRED_DEVICE_KEYS = ("name", "gflops", "memory")
+_PROFILE_FIELDS = [f.name for f in dataclasses.fields(DeviceProfile)]
 LINK_KEYS = ("a", "b", "bandwidth", "latency_ms", "measured")
 DEFAULT_LINK_KEYS = ("bandwidth", "latency_ms")
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
                "t": 1e12, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_ENERGY_UNITS = {"": 1.0, "j": 1.0, "kj": 1e3, "mj": 1e6, "mwh": 3.6, "wh": 3600.0,
-                 "kwh": 3.6e6}
+_ENERGY_UNITS = {"": 1.0, "J": 1.0, "mJ": 1e-3, "kJ": 1e3, "MJ": 1e6, "mWh": 3.6, "Wh": 3600.0,
+                 "kWh": 3.6e6}
 _PREFIX = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20,
            "Gi": 2**30}
 _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
@@ -89,10 +91,10 @@ def parse_energy(v) -> float:
         return float(v)
     if isinstance(v, str):
         m = re.fullmatch(_NUMBER + r"\s*([A-Za-z]*)", v.strip())
-        if m and m.group(2).lower() in _ENERGY_UNITS and m.group(2) != "mJ":
-            return float(m.group(1)) * _ENERGY_UNITS[m.group(2).lower()]
+        if m and m.group(2) in _ENERGY_UNITS:
+            return float(m.group(1)) * _ENERGY_UNITS[m.group(2)]
     raise ValueError("expected energy in joules (a number) or a string like '342Wh', '1.2MJ', "
-                     f"'500kJ' (units: J, kJ, MJ, mWh, Wh, kWh), got {v!r}")
+                     f"'500kJ' (units: {list(_ENERGY_UNITS)[1:]}), got {v!r}")
 
 
 class _Checker:
@@ -176,9 +178,9 @@ def _parse_device(ck: _Checker, i: int, d, meters: list[str]) -> DeviceProfile:
                                           "energy_budget_j")
     measured = d.get("measured", {})
     if not isinstance(measured, dict) or not all(
-            k in DEVICE_KEYS + ("memory_bytes", "links") and isinstance(v, bool)
+            k in _PROFILE_FIELDS and isinstance(v, bool)
             for k, v in measured.items()):
-        ck.fail(where, "measured", f"expected a mapping from device keys {list(DEVICE_KEYS)} "
+        ck.fail(where, "measured", f"expected a mapping from DeviceProfile fields {_PROFILE_FIELDS} "
                                    f"to true/false, got {measured!r}")
     return DeviceProfile(name=name, kind=kind, gflops=float(gflops), memory_bytes=int(memory),
                          power_active_w=float(p_active), power_idle_w=float(p_idle),
@@ -332,12 +334,22 @@ def get_device(devices: list[DeviceProfile], name: str) -> DeviceProfile:
     raise ValueError(f"unknown device {name!r}; devices: {[d.name for d in devices]}")
 
 
-def link_between(devices: list[DeviceProfile], a: str | DeviceProfile,
-                 b: str | DeviceProfile) -> LinkProfile:
-    """The link from ``a`` to ``b`` (names or profiles). A device to itself is free: infinite
-    bandwidth, zero latency. No link between two devices is a ``ValueError`` naming both."""
-    a = a.name if isinstance(a, DeviceProfile) else a
-    b = b.name if isinstance(b, DeviceProfile) else b
+def _device_name(devices: list[DeviceProfile], d: str | int | DeviceProfile) -> str:
+    if isinstance(d, DeviceProfile):
+        return d.name
+    if isinstance(d, int) and not isinstance(d, bool):
+        if not 0 <= d < len(devices):
+            raise ValueError(f"rank {d} is out of range; allowed: 0..{len(devices) - 1}")
+        return devices[d].name
+    return d
+
+
+def link_between(devices: list[DeviceProfile], a: str | int | DeviceProfile,
+                 b: str | int | DeviceProfile) -> LinkProfile:
+    """The link from ``a`` to ``b`` (names, ranks = list indices, or profiles). A device to itself
+    is free: infinite bandwidth, zero latency. No link between two devices is a ``ValueError``
+    naming both."""
+    a, b = _device_name(devices, a), _device_name(devices, b)
     dev_a, dev_b = get_device(devices, a), get_device(devices, b)
     if a == b:
         return LinkProfile(peer=b, bandwidth_bps=math.inf, latency_s=0.0)
