@@ -1,0 +1,16 @@
+"""Planners: pure, CPU-only, deterministic functions of profiles -> ``Plan``.
+
+``create_plan(model_profile, devices, strategy=..., objective=...)`` runs a registered planner
+(``list_planners()``); ``redistribute`` re-plans after a low-energy, failure or overload event;
+``select_profile`` is LAP-DTR's Algorithm 1 with the corrected score.
+"""
+from .cost import OBJECTIVES, Constraints
+from .redistribute import EVENT_KINDS, RedistributionEvent, redistribute, unit_moves
+from .registry import create_plan, get_planner, list_planners, register_planner
+from .select import Candidate, Selection, SelectionConstraints, select_profile
+from .types import DevicePrediction, Plan, Shard, StagePlan
+
+__all__ = ["EVENT_KINDS", "OBJECTIVES", "Candidate", "Constraints", "DevicePrediction", "Plan",
+           "RedistributionEvent", "Selection", "SelectionConstraints", "Shard", "StagePlan",
+           "create_plan", "get_planner", "list_planners", "redistribute", "register_planner",
+           "select_profile", "unit_moves"]
