@@ -1,0 +1,218 @@
+"""``RunConfig``: the typed, strictly validated recipe of a distributed run (``configs/*.yaml``).
+
+An unknown key or a bad value is a ``ValueError`` naming the key and what is allowed. Every run
+writes its resolved config next to its report (``config.json``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .._json import to_jsonable
+
+__all__ = ["FaultSpec", "RunConfig", "load_run_config", "MODES", "BACKENDS", "FAULT_KINDS"]
+
+MODES = ("pipeline", "tensor", "ensemble")
+BACKENDS = ("auto", "gloo", "nccl")
+FAULT_KINDS = ("kill", "drain")
+
+
+@dataclass
+class FaultSpec:
+    """An injected fault: ``kill`` SIGKILLs ``rank`` when it receives request ``at_request``;
+    ``drain`` empties that rank's battery to just below its E_min at that request."""
+
+    kind: str
+    rank: int
+    at_request: int = 0
+
+    def validate(self, where: str = "faults") -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"{where}.kind: {self.kind!r} is not allowed; allowed: {list(FAULT_KINDS)}")
+        _check_int(f"{where}.rank", self.rank, 0)
+        _check_int(f"{where}.at_request", self.at_request, 0)
+
+
+@dataclass
+class RunConfig:
+    """What to run, on how many ranks, and how to survive failures.
+
+    ``model``/``model_kwargs``: a supported timm model (``lapdtr.list_supported_models()``).
+    ``cuts``: explicit cut points (unit indices or names), stage ``i`` on rank ``i``; otherwise
+    ``plan`` (a ``plan.json``) or, with neither, the planner ``strategy`` on ``devices``.
+    ``requests`` requests of ``batch_size`` inputs each, each split into ``micro_batches``.
+    """
+
+    model: str = "deit_tiny_patch16_224"
+    model_kwargs: dict = field(default_factory=dict)
+    img_size: int | None = None
+    mode: str = "pipeline"
+    world_size: int = 2
+    backend: str = "auto"
+    devices: str | None = None
+    plan: str | None = None
+    cuts: list | None = None
+    strategy: str = "lapdtr"
+    objective: str = "energy"
+    checkpoint: str | None = None
+    seed: int = 0
+    requests: int = 16
+    batch_size: int = 1
+    micro_batches: int = 1
+    max_inflight: int | None = None
+    out: str = "runs/run"
+    save_outputs: bool = False
+    heartbeat_interval_s: float = 0.1
+    heartbeat_timeout_s: float = 3.0
+    join_timeout_s: float = 60.0
+    cache_budget_bytes: int = 256 * 2**20
+    spill_dir: str | None = None
+    faults: list[FaultSpec] = field(default_factory=list)
+    proportions: list | None = None
+    aggregator: str = "mean"
+    ensemble_models: list | None = None
+    threads_per_rank: int | None = None
+    progress: bool = False
+    plots: bool = True
+
+    def validate(self) -> "RunConfig":
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model: expected a model name, got {self.model!r}")
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"model_kwargs: expected a mapping, got {self.model_kwargs!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode: {self.mode!r} is not allowed; allowed: {list(MODES)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: {self.backend!r} is not allowed; allowed: {list(BACKENDS)}")
+        _check_int("world_size", self.world_size, 1)
+        if self.img_size is not None:
+            _check_int("img_size", self.img_size, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("requests", self.requests, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("micro_batches", self.micro_batches, 1)
+        if self.micro_batches > self.batch_size:
+            raise ValueError(f"micro_batches: {self.micro_batches} is more than batch_size "
+                             f"{self.batch_size}; allowed: 1..{self.batch_size}")
+        if self.threads_per_rank is not None:
+            _check_int("threads_per_rank", self.threads_per_rank, 1)
+        if self.max_inflight is not None:
+            _check_int("max_inflight", self.max_inflight, 1)
+        _check_float("heartbeat_interval_s", self.heartbeat_interval_s, 1e-3)
+        _check_float("heartbeat_timeout_s", self.heartbeat_timeout_s, 1e-3)
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError(f"heartbeat_timeout_s: {self.heartbeat_timeout_s} must exceed "
+                             f"heartbeat_interval_s ({self.heartbeat_interval_s})")
+        _check_float("join_timeout_s", self.join_timeout_s, 1e-3)
+        _check_int("cache_budget_bytes", self.cache_budget_bytes, 0)
+        if self.cuts is not None:
+            if not isinstance(self.cuts, list) or not all(
+                    isinstance(c, (int, str)) and not isinstance(c, bool) for c in self.cuts):
+                raise ValueError(f"cuts: expected a list of unit indices or names, got {self.cuts!r}")
+            if len(self.cuts) + 1 > self.world_size:
+                raise ValueError(f"cuts: {len(self.cuts)} cuts make {len(self.cuts) + 1} stages, "
+                                 f"more than world_size={self.world_size} ranks")
+        if self.cuts is not None and self.plan is not None:
+            raise ValueError("cuts and plan: give one of them, not both")
+        for i, f in enumerate(self.faults):
+            f.validate(f"faults[{i}]")
+            if f.rank >= self.world_size:
+                raise ValueError(f"faults[{i}].rank: {f.rank} is not a launched rank; allowed: "
+                                 f"0..{self.world_size - 1}")
+            if f.rank == 0 and f.kind == "kill":
+                raise ValueError(f"faults[{i}].rank: rank 0 is the coordinator and cannot be "
+                                 f"killed; allowed: 1..{self.world_size - 1}")
+        if self.proportions is not None:
+            if len(self.proportions) != self.world_size or not all(
+                    isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0
+                    for p in self.proportions):
+                raise ValueError(f"proportions: expected {self.world_size} positive numbers (one "
+                                 f"per rank), got {self.proportions!r}")
+        if self.ensemble_models is not None and (
+                not self.ensemble_models or not all(isinstance(m, str) for m in self.ensemble_models)
+                or len(self.ensemble_models) not in (1, self.world_size)):
+            raise ValueError(f"ensemble_models: expected 1 or {self.world_size} model names, got "
+                             f"{self.ensemble_models!r}")
+        if self.mode != "pipeline" and self.faults:
+            raise ValueError(f"faults: only pipeline mode survives faults; mode {self.mode!r} is "
+                             "built on collectives (allowed: faults with mode 'pipeline')")
+        for key in ("progress", "plots", "save_outputs"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key}: expected true or false, got {getattr(self, key)!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return to_jsonable(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, *, where: str = "config") -> "RunConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a mapping of keys to values, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+        hints = typing.get_type_hints(cls)
+        kw = {}
+        for k, v in d.items():
+            if k == "faults":
+                if not isinstance(v, list):
+                    raise ValueError(f"faults: expected a list, got {v!r}")
+                fl = []
+                fnames = [f.name for f in dataclasses.fields(FaultSpec)]
+                for i, fd in enumerate(v):
+                    if not isinstance(fd, dict) or sorted(set(fd) - set(fnames)):
+                        raise ValueError(f"faults[{i}]: unknown key(s) "
+                                         f"{sorted(set(fd) - set(fnames)) if isinstance(fd, dict) else fd!r}; "
+                                         f"allowed: {fnames}")
+                    if "kind" not in fd or "rank" not in fd:
+                        raise ValueError(f"faults[{i}]: 'kind' and 'rank' are required")
+                    fl.append(FaultSpec(**fd))
+                kw[k] = fl
+            else:
+                kw[k] = _coerce(k, hints[k], v)
+        return cls(**kw).validate()
+
+
+def _coerce(key, tp, v):
+    if v is None:
+        if type(None) in typing.get_args(tp):
+            return None
+        raise ValueError(f"{key}: must not be null")
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if args else tp
+    origin = typing.get_origin(base) or base
+    if origin is float and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    if origin in (int, float, str, bool, list, dict) and not isinstance(v, origin):
+        raise ValueError(f"{key}: expected {origin.__name__}, got {v!r}")
+    if origin is int and isinstance(v, bool):
+        raise ValueError(f"{key}: expected int, got {v!r}")
+    return v
+
+
+def _check_int(key, v, lo):
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{key}: expected an integer >= {lo}, got {v!r}")
+
+
+def _check_float(key, v, lo):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo:
+        raise ValueError(f"{key}: expected a number >= {lo}, got {v!r}")
+
+
+def load_run_config(path: str | Path, **overrides) -> RunConfig:
+    """Read a run config YAML (``configs/*.yaml``); ``overrides`` replace keys (same validation)."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of keys to values")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return RunConfig.from_dict(data, where=str(path))

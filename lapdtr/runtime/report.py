@@ -1,0 +1,204 @@
+"""Run reports: per-rank and total figures (``report.json``), a printed table, a PNG timeline."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .._json import from_jsonable, load_json, save_json, to_jsonable
+
+__all__ = ["RankReport", "ReplanEvent", "RunReport", "format_report", "plot_timeline",
+           "percentile"]
+
+
+@dataclass
+class RankReport:
+    """What one rank did. ``status``: ``ok``, ``failed`` (died; figures from its last telemetry)
+    or ``left`` (taken out of the plan, e.g. below E_min). ``energy_label``: ``measured`` or
+    ``modelled`` (simulated battery) or ``none``. ``timeline``: ``[item, first_unit, end_unit,
+    t_start_s, t_end_s]`` relative to the run start. ``stage_p50_s``/``stage_p95_s``: latency of
+    one stage run (one item) on this rank; ``items_per_s``: items over the run's wall time."""
+
+    rank: int
+    device: str = ""
+    status: str = "ok"
+    units: list[str] = field(default_factory=list)
+    items: int = 0
+    stage_p50_s: float = 0.0
+    stage_p95_s: float = 0.0
+    items_per_s: float = 0.0
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    idle_s: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+    energy_j: float = 0.0
+    remaining_j: float | None = None
+    energy_label: str = "none"
+    param_bytes: int = 0
+    weights_loaded_bytes: int = 0
+    cache_peak_bytes: int = 0
+    cache_spilled: int = 0
+    cache_dropped: int = 0
+    timeline: list[list] = field(default_factory=list)
+
+
+@dataclass
+class ReplanEvent:
+    """One re-plan: why, which ranks, how long detection and recovery took, what moved."""
+
+    generation: int
+    kind: str
+    devices: list[str]
+    ranks: list[int]
+    time_s: float
+    detect_s: float = 0.0
+    recovery_s: float = 0.0
+    moves: list[dict] = field(default_factory=list)
+    resumed: dict = field(default_factory=dict)  # first unit -> number of items resumed there
+    stages: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class RunReport:
+    model: str
+    mode: str
+    world_size: int
+    requests: int
+    batch_size: int
+    micro_batches: int
+    wall_s: float
+    throughput_rps: float
+    latency_p50_s: float
+    latency_p95_s: float
+    latency_mean_s: float
+    bytes_sent: int
+    bytes_received: int
+    energy_j: float
+    energy_label: str
+    compute_s: float
+    comm_s: float
+    completed: int
+    duplicates: int
+    lost: int
+    ranks: list[RankReport] = field(default_factory=list)
+    replans: list[ReplanEvent] = field(default_factory=list)
+    plan: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return to_jsonable(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunReport":
+        return from_jsonable(cls, d)
+
+    def save(self, path):
+        return save_json(self, path)
+
+    @classmethod
+    def load(cls, path) -> "RunReport":
+        return load_json(cls, path)
+
+
+def percentile(values, q: float) -> float:
+    if not values:
+        return 0.0
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=float), q))
+
+
+def _mb(n) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def format_report(r: RunReport) -> str:
+    """A plain-text table of the run: totals, then one row per rank, then the re-plans."""
+    lines = [
+        f"{r.model} | mode {r.mode} | {r.world_size} ranks | {r.completed}/{r.requests} requests "
+        f"(batch {r.batch_size}, {r.micro_batches} micro-batches) | duplicates {r.duplicates} | "
+        f"lost {r.lost}",
+        f"wall {r.wall_s:.2f} s | throughput {r.throughput_rps:.1f} req/s | latency p50 "
+        f"{r.latency_p50_s * 1e3:.1f} ms p95 {r.latency_p95_s * 1e3:.1f} ms | energy "
+        f"{r.energy_j:.2f} J ({r.energy_label}) | sent {_mb(r.bytes_sent)} MiB",
+        "",
+        f"{'rank':>4} {'device':<14} {'status':<7} {'units':<22} {'items':>5} {'p50 ms':>7} "
+        f"{'p95 ms':>7} {'compute s':>9} "
+        f"{'comm s':>7} {'idle s':>7} {'sent MiB':>8} {'recv MiB':>8} {'energy J':>9} "
+        f"{'left J':>8} {'label':<8}",
+    ]
+    for k in r.ranks:
+        units = f"{k.units[0]}..{k.units[-1]}" if len(k.units) > 1 else (k.units[0] if k.units else "-")
+        left = "-" if k.remaining_j is None else f"{k.remaining_j:.2f}"
+        lines.append(
+            f"{k.rank:>4} {k.device[:14]:<14} {k.status:<7} {units[:22]:<22} {k.items:>5} "
+            f"{k.stage_p50_s * 1e3:>7.1f} {k.stage_p95_s * 1e3:>7.1f} {k.compute_s:>9.3f} "
+            f"{k.comm_s:>7.3f} {k.idle_s:>7.3f} {_mb(k.bytes_sent):>8} "
+            f"{_mb(k.bytes_received):>8} {k.energy_j:>9.2f} {left:>8} {k.energy_label:<8}")
+    if r.replans:
+        lines.append("")
+        for e in r.replans:
+            lines.append(
+                f"re-plan gen {e.generation} at {e.time_s:.2f} s: {e.kind} on {', '.join(e.devices)} "
+                f"(rank {', '.join(map(str, e.ranks))}); detected in {e.detect_s * 1e3:.0f} ms, "
+                f"recovered in {e.recovery_s * 1e3:.0f} ms; {len(e.moves)} unit(s) moved; items "
+                f"resumed at unit index: {e.resumed}")
+    else:
+        lines += ["", "no re-plans"]
+    return "\n".join(lines)
+
+
+def plot_timeline(r: RunReport, path: str | Path) -> Path:
+    """A PNG Gantt chart: one row per rank, one bar per stage run, re-plans as vertical lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(11, 1.0 + 0.7 * max(1, len(r.ranks))))
+    cmap = plt.get_cmap("tab20")
+    for row, k in enumerate(r.ranks):
+        bars = [(t0, max(t1 - t0, 1e-4)) for _, _, _, t0, t1 in k.timeline]
+        colors = [cmap((item // max(1, r.micro_batches)) % 20) for item, *_ in k.timeline]
+        if bars:
+            ax.broken_barh(bars, (row - 0.35, 0.7), facecolors=colors, linewidth=0)
+    for e in r.replans:
+        ax.axvline(e.time_s, color="red", linestyle="--", linewidth=1)
+        ax.text(e.time_s, len(r.ranks) - 0.5, f" {e.kind}: {', '.join(e.devices)}", color="red",
+                fontsize=8, va="bottom")
+    ax.set_yticks(range(len(r.ranks)))
+    ax.set_yticklabels([f"rank {k.rank} ({k.device}, {k.status})" for k in r.ranks])
+    ax.set_xlabel("time since start (s); colour = request")
+    ax.set_title(f"{r.model}: {r.completed} requests on {r.world_size} ranks "
+                 f"({r.throughput_rps:.1f} req/s)")
+    ax.set_ylim(-0.6, len(r.ranks) - 0.2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_energy(r: RunReport, path: str | Path) -> Path:
+    """A PNG bar chart of energy used and left per rank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = [f"r{k.rank} {k.device}" for k in r.ranks]
+    used = [k.energy_j for k in r.ranks]
+    left = [k.remaining_j or 0.0 for k in r.ranks]
+    ax.bar(names, used, label="used (J)")
+    ax.bar(names, left, bottom=used, label="remaining (J)", alpha=0.5)
+    ax.set_ylabel(f"energy, J ({r.energy_label})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,25 @@
+"""``lapdtr demo`` end to end (the embedded default: 200 requests, one battery drained)."""
+import json
+import time
+
+import pytest
+
+from lapdtr.runtime.cli import main
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def test_demo_finishes_under_two_minutes_with_a_redistribution(tmp_path, capsys):
+    t0 = time.time()
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert time.time() - t0 < 120
+    text = capsys.readouterr().out
+    assert "200/200 requests" in text and "low_energy on phone" in text
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["completed"] == 200 and report["duplicates"] == 0
+    assert [e["kind"] for e in report["replans"]] == ["low_energy"]
+    assert report["energy_label"] == "modelled"
+    phone = [r for r in report["ranks"] if r["device"] == "phone"][0]
+    assert phone["status"] == "left" and phone["remaining_j"] < 100
+    for name in ("timeline.png", "energy.png", "plan.json", "config.json"):
+        assert (tmp_path / name).exists()

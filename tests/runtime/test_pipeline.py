@@ -1,0 +1,136 @@
+"""Multi-rank runs on local gloo ranks: equivalence, killed and drained ranks, rendezvous errors."""
+import time
+
+import pytest
+import yaml
+
+from lapdtr.runtime import FaultSpec, RendezvousError, RunConfig, run
+
+from runtime_helpers import assert_outputs_match, install_stub_planner, never_join
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
+
+
+@pytest.mark.parametrize("name, kw, img, world, cuts, batch, mbs", [
+    ("deit_tiny_patch16_224", {"depth": 4}, None, 2, [3], 2, 2),
+    ("efficientvit_m0", {}, 128, 3, ["stages.1.downsample", "stages.2.downsample"], 1, 1),
+    ("resnet18", {}, 64, 4, [2, 4, 7], 3, 3),
+])
+def test_pipeline_equals_single_process(tmp_path, name, kw, img, world, cuts, batch, mbs):
+    cfg = RunConfig(model=name, model_kwargs=kw, img_size=img, world_size=world, cuts=cuts,
+                    requests=4, batch_size=batch, micro_batches=mbs, out=str(tmp_path),
+                    save_outputs=True)
+    r = run(cfg, timeout_s=200)
+    assert r.completed == 4 and r.duplicates == 0 and not r.replans
+    assert [k.items for k in r.ranks] == [4 * mbs] * world
+    assert all(k.bytes_sent > 0 for k in r.ranks)
+    assert_outputs_match(cfg, tmp_path)
+    assert (tmp_path / "report.json").exists() and (tmp_path / "timeline.png").exists()
+
+
+def _deit(tmp_path, **kw):
+    base = dict(model="deit_tiny_patch16_224", model_kwargs={"depth": 4}, requests=8,
+                out=str(tmp_path), save_outputs=True, heartbeat_timeout_s=1.0,
+                heartbeat_interval_s=0.05)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_sigkill_middle_rank_mid_stream(tmp_path):
+    cfg = _deit(tmp_path, world_size=3, cuts=[2, 4], faults=[FaultSpec("kill", 1, 4)])
+    r = run(cfg, timeout_s=200, init_fn=install_stub_planner)
+    assert r.completed == 8 and r.lost == 0 and r.duplicates == 0
+    assert [(e.kind, e.ranks) for e in r.replans] == [("failure", [1])]
+    assert r.replans[0].detect_s < 3.0 and sum(r.replans[0].resumed.values()) >= 1
+    assert {(u["unit"], u["from_rank"], u["to_rank"]) for u in r.replans[0].moves} == {
+        ("blocks.1", 1, 0), ("blocks.2", 1, 0)}
+    assert r.ranks[1].status == "failed"
+    assert_outputs_match(cfg, tmp_path)
+
+
+def test_kill_at_first_and_at_last_request(tmp_path):
+    cfg = _deit(tmp_path, world_size=4, cuts=[2, 3, 5], micro_batches=2, batch_size=2,
+                faults=[FaultSpec("kill", 1, 0), FaultSpec("kill", 3, 7)])
+    r = run(cfg, timeout_s=200, init_fn=install_stub_planner)
+    assert r.completed == 8 and r.duplicates == 0
+    assert [(e.kind, e.ranks) for e in r.replans] == [("failure", [1]), ("failure", [3])]
+    assert [k.status for k in r.ranks] == ["ok", "failed", "ok", "failed"]
+    assert_outputs_match(cfg, tmp_path)
+
+
+def test_drained_battery_triggers_redistribution(tmp_path):
+    devices = {"devices": [
+        {"name": f"dev{i}", "kind": "simulated", "gflops": 10.0, "memory": "1GiB",
+         "power_active_w": 5.0, "power_idle_w": 1.0, "energy_budget_j": 1000,
+         "energy_min_j": 100, "meter": "simulated"} for i in range(3)]}
+    path = tmp_path / "devices.yaml"
+    path.write_text(yaml.safe_dump(devices))
+    cfg = _deit(tmp_path, world_size=3, cuts=[2, 4], devices=str(path),
+                faults=[FaultSpec("drain", 2, 3)])
+    r = run(cfg, timeout_s=200)  # the planner's own redistribute
+    assert r.completed == 8 and r.duplicates == 0
+    assert [(e.kind, e.devices) for e in r.replans] == [("low_energy", ["dev2"])]
+    assert r.ranks[2].status == "left" and r.ranks[2].remaining_j < 100
+    assert r.energy_label == "modelled" and all(k.energy_j > 0 for k in r.ranks)
+    assert_outputs_match(cfg, tmp_path)
+
+
+def test_rank_that_never_joins_is_named(tmp_path):
+    cfg = _deit(tmp_path, world_size=3, join_timeout_s=3.0)
+    t0 = time.time()
+    with pytest.raises(RendezvousError, match=r"rank\(s\) \[2\] did not join within 3.0 s"):
+        run(cfg, timeout_s=120, init_fn=never_join)
+    assert time.time() - t0 < 60
+
+
+@pytest.mark.parametrize("bad", ["plan", "checkpoint"])
+def test_bad_plan_or_checkpoint_fails_naming_it(tmp_path, bad):
+    from lapdtr.plan.types import Plan, StagePlan
+    from lapdtr.runtime import write_checkpoint
+
+    kw = {}
+    if bad == "plan":
+        names = ["embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
+        plan = Plan(model="deit_tiny_patch16_224", strategy="hand", devices=["a", "b", "c"],
+                    stages=[StagePlan(i, i, "abc"[i], names[2 * i:2 * i + 2]) for i in range(3)])
+        plan.save(tmp_path / "plan.json")
+        kw["plan"] = str(tmp_path / "plan.json")
+        match = r"plan .*plan.json: needs ranks \[0, 1, 2\] but only 2 rank\(s\) were launched"
+    else:
+        kw["checkpoint"] = str(write_checkpoint(tmp_path / "other.safetensors",
+                                                "deit_tiny_patch16_224", model_kwargs={"depth": 2}))
+        match = r"checkpoint .*other.safetensors' does not match model 'deit_tiny_patch16_224'"
+    cfg = _deit(tmp_path, world_size=2, **kw)
+    with pytest.raises(ValueError, match=match):
+        run(cfg, timeout_s=120)
+
+
+def test_torchrun_entry_point(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": "deit_tiny_patch16_224", "model_kwargs": {"depth": 2},
+                                   "world_size": 2, "cuts": [2], "requests": 3,
+                                   "out": str(tmp_path / "out"), "plots": False}))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(root / "infer" / "run.py"), "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=200, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "3/3 requests" in proc.stdout
+    from lapdtr.runtime import RunReport
+
+    r = RunReport.load(tmp_path / "out" / "report.json")
+    assert r.completed == 3 and r.world_size == 2
+
+
+def test_sigkill_at_an_arbitrary_moment(tmp_path):
+    from runtime_helpers import kill_rank1_soon_after_it_starts
+
+    cfg = _deit(tmp_path, world_size=3, cuts=[2, 4], requests=12, batch_size=2, micro_batches=2)
+    r = run(cfg, timeout_s=200, init_fn=kill_rank1_soon_after_it_starts)
+    assert r.completed == 12 and r.duplicates == 0
+    assert [(e.kind, e.ranks) for e in r.replans] == [("failure", [1])]
+    assert_outputs_match(cfg, tmp_path)

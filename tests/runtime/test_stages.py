@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+import lapdtr
+from lapdtr.runtime import RankModel, check_checkpoint, write_checkpoint
+from lapdtr.runtime.stages import build_host
+
+FAMILIES = [("deit_tiny_patch16_224", {"depth": 4}, 224),
+            ("efficientvit_m0", {}, 128),
+            ("tiny_vit_5m_224", {}, 224),
+            ("resnet18", {}, 64)]
+
+
+@pytest.mark.parametrize("name, kw, img", FAMILIES)
+def test_rank_models_hold_only_their_units_and_chain_exactly(tmp_path, name, kw, img):
+    ckpt = write_checkpoint(tmp_path / "w.safetensors", name, model_kwargs=kw, seed=3)
+    torch.manual_seed(3)
+    full = lapdtr.create_model(name, **kw)
+    full_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
+    parts = [RankModel(name, ckpt, model_kwargs=kw, img_size=img) for _ in range(3)]
+    n = parts[0].num_units
+    bounds = [0, n // 3, 2 * n // 3, n]
+    for pm, a, b in zip(parts, bounds, bounds[1:]):
+        assert pm.param_bytes() == 0
+        pm.load_units([u.name for u in pm.units[a:b]])
+        assert 0 < pm.param_bytes() < full_bytes
+    assert sum(pm.param_bytes() for pm in parts) == full_bytes
+    x = torch.randn(2, 3, img, img)
+    y = x
+    for pm, a, b in zip(parts, bounds, bounds[1:]):
+        y = pm.run(y, a, b)
+    with torch.no_grad():
+        assert torch.equal(y, full(x))
+
+
+def test_take_over_and_release_units(tmp_path):
+    name, kw = "deit_tiny_patch16_224", {"depth": 4}
+    ckpt = write_checkpoint(tmp_path / "w.safetensors", name, model_kwargs=kw)
+    pm = RankModel(name, ckpt, model_kwargs=kw)
+    pm.load_units(["embed", "blocks.0"])
+    before = pm.param_bytes()
+    loaded = pm.load_units(["blocks.1"])
+    assert loaded > 0 and pm.param_bytes() == before + loaded
+    pm.release_units(["embed"])
+    assert pm.param_bytes() < before + loaded and "embed" not in pm.loaded
+    with pytest.raises(AssertionError):
+        pm.run(torch.randn(1, 3, 224, 224), 0, 1)
+    with pytest.raises(ValueError, match=r"unknown unit\(s\) \['blocks.9'\]"):
+        pm.load_units(["blocks.9"])
+    stages = pm.partition([2])
+    assert [s.unit_names for s in stages] == [["embed", "blocks.0"], ["blocks.1", "blocks.2", "blocks.3", "head"]]
+
+
+def test_checkpoint_that_does_not_match_the_model_is_named(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "small.safetensors", "deit_tiny_patch16_224",
+                            model_kwargs={"depth": 2})
+    host, _ = build_host("deit_tiny_patch16_224", {"depth": 4})
+    with pytest.raises(ValueError, match=r"small.safetensors.*does not match model "
+                                         r"'deit_tiny_patch16_224': missing \d+ key\(s\): blocks.2"):
+        check_checkpoint(ckpt, host, "deit_tiny_patch16_224")
+    other = write_checkpoint(tmp_path / "s.safetensors", "deit_small_patch16_224",
+                             model_kwargs={"depth": 4})
+    pm = RankModel("deit_tiny_patch16_224", other, model_kwargs={"depth": 4})
+    with pytest.raises(ValueError, match=r"shape mismatch: .*checkpoint \[.*384.*\] vs model"):
+        pm.load_units(["embed"])
+    with pytest.raises(ValueError, match="does not exist"):
+        RankModel("deit_tiny_patch16_224", tmp_path / "none.safetensors").load_units(["embed"])
+
+
+def test_torch_checkpoint_loads_weights_only(tmp_path):
+    torch.manual_seed(0)
+    m = lapdtr.create_model("resnet18")
+    path = tmp_path / "r.pth"
+    torch.save({"state_dict": m.state_dict()}, path)
+    pm = RankModel("resnet18", path, img_size=64)
+    pm.load_units([u.name for u in pm.units])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(pm.run(x, 0, pm.num_units), m(x))
