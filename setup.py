@@ -8,10 +8,10 @@ setup(
     packages=[
         "lapdtr", "lapdtr.models", "lapdtr.profile", "lapdtr.energy", "lapdtr.plan",
         "lapdtr.runtime", "lapdtr.elastic", "lapdtr.summarize", "lapdtr.transfer", "lapdtr.data",
-        "lapdtr.kernels",
+        "lapdtr.kernels", "lapdtr.configs",
     ],
-    package_dir={"lapdtr.kernels": "kernels"},
-    package_data={"lapdtr": ["configs/**/*.yaml"]},
+    package_dir={"lapdtr.kernels": "kernels", "lapdtr.configs": "configs"},
+    package_data={"lapdtr.configs": ["*.yaml", "devices/*.yaml"]},
     install_requires=[
         "torch>=2.4", "timm>=1.0.15", "torchvision", "numpy", "scipy", "pyyaml", "safetensors",
         "matplotlib", "tqdm", "psutil",

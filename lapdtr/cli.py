@@ -84,12 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _register(sub, module: str) -> None:
     import importlib
 
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:  # INTEGRATION-TEMP: removed once plan/runtime CLIs land
-        if e.name != module:
-            raise
-        return
+    mod = importlib.import_module(module)
     for name in dir(mod):
         if name.startswith("add_") and name.endswith("_commands"):
             getattr(mod, name)(sub)

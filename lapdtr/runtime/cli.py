@@ -13,8 +13,11 @@ __all__ = ["add_runtime_commands", "main", "demo_config_path"]
 
 
 def demo_config_path() -> Path:
-    """``configs/demo.yaml`` of the source tree (the embedded default of ``lapdtr demo``)."""
-    return Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    """``configs/demo.yaml``, installed as ``lapdtr.configs`` (the embedded default of
+    ``lapdtr demo``)."""
+    from importlib.resources import files
+
+    return Path(str(files("lapdtr.configs") / "demo.yaml"))
 
 
 def _overrides(args) -> dict:
@@ -40,8 +43,8 @@ def _cmd_demo(args) -> int:
 
     path = demo_config_path()
     if not path.exists():
-        raise ValueError(f"the demo recipe {path} is missing: lapdtr demo runs from a source "
-                         "checkout (pip install -e .), which ships configs/")
+        raise ValueError(f"the demo recipe {path} is missing from this lapdtr install; "
+                         "reinstall lapdtr (pip install -e . from a checkout)")
     cfg = load_run_config(path, **_overrides(args))
     if cfg.devices is not None and not Path(cfg.devices).is_absolute():
         cfg.devices = str(path.parents[1] / cfg.devices)

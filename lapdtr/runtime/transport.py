@@ -1,19 +1,24 @@
-"""Boundary tensors rank to rank: payload by ``torch.distributed`` point-to-point, header on the store.
+"""Boundary tensors rank to rank by ``torch.distributed`` point-to-point: header, then payload.
 
-A message is announced by a small JSON header on the rendezvous store (source rank, item, the
-unit the receiver starts at, dtype code, shape), numbered per destination and generation; the
-payload goes by ``isend``/``recv`` tagged with the generation. Each rank runs one receiver
-thread that blocks on the store until its next header exists (no polling), then posts the
-``recv`` for a payload that is already on its way, and queues the message for the main loop.
-So no rank ever blocks on a peer that may have died, and shapes and dtypes may change per
-message. After a re-plan the generation changes: the receiver is woken (by writing a wake-up
-header under the key it waits on) and moves to the new generation's keys; headers and tags of the
-old one are abandoned (a gloo process group survives a dead member for point-to-point traffic
-between the others).
+A message is two point-to-point sends on the same (source, destination) pair: a fixed-size int64
+header (kind, generation, source rank, item, the unit the receiver starts at, dtype code, shape)
+on a header tag shared by all generations, then the payload on the tag of the sender's plan
+generation. Per pair and tag, gloo delivers in order, so a header is always followed by its own
+payload. Each rank runs one receiver thread per peer rank, blocked in ``recv`` of that peer's
+next header (no polling, no store round trip); it allocates the announced shape and dtype,
+receives the payload and queues the message for the main loop. So shapes and dtypes may change
+per message, nothing is pickled, and no rank ever blocks its main loop on a peer that may have
+died: a dead peer only fails the receiver thread that listens to it (a gloo process group
+survives a dead member for point-to-point traffic between the others).
+
+Generations. After a re-plan the generation changes. A header names its generation: one from an
+older generation is dropped without posting the receive of its payload (that payload's tag is
+abandoned; the sender never waits on it), one from a newer generation (its sender re-planned
+first) is received and held until this rank moves to that generation. On close, a rank sends a
+``bye`` header to each peer, which ends that peer's receiver thread for it.
 """
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -22,12 +27,16 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-__all__ = ["DTYPE_CODES", "Message", "Transport", "BoundaryCache"]
-
-_WAKE = b"wake"
+__all__ = ["DTYPE_CODES", "HEADER_TAG", "MAX_DIMS", "Message", "Transport", "BoundaryCache"]
 
 DTYPE_CODES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
                torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+_CODE = {d: i for i, d in enumerate(DTYPE_CODES)}
+
+HEADER_TAG = 1 << 30  # headers of every generation; payloads use the generation as their tag
+MAX_DIMS = 9  # header: kind, gen, src, item, unit, dtype code, ndim, shape[MAX_DIMS]
+_HEADER_LEN = 7 + MAX_DIMS
+_DATA, _BYE = 0, 1
 
 
 class Message:
@@ -42,31 +51,49 @@ def _nbytes(x: torch.Tensor) -> int:
     return x.numel() * x.element_size()
 
 
+def _header(kind: int, gen: int, src: int, item: int = 0, unit: int = 0,
+            x: torch.Tensor | None = None) -> torch.Tensor:
+    h = [kind, gen, src, item, unit, 0, 0] + [0] * MAX_DIMS
+    if x is not None:
+        if x.dtype not in _CODE:
+            raise ValueError(f"boundary dtype {x.dtype} cannot be sent; allowed: {DTYPE_CODES}")
+        if x.dim() > MAX_DIMS:
+            raise ValueError(f"boundary tensor has {x.dim()} dims; at most {MAX_DIMS} allowed")
+        h[5], h[6] = _CODE[x.dtype], x.dim()
+        h[7:7 + x.dim()] = x.shape
+    return torch.tensor(h, dtype=torch.int64)
+
+
 class Transport:
     """Send and receive boundary tensors of generation ``gen`` (see the module docstring)."""
 
-    def __init__(self, store, rank: int, device: torch.device, prefix: str = "", *, connect):
-        """``connect()`` returns a new store client for the receiver thread (a client must not
-        be shared between threads)."""
+    def __init__(self, store, rank: int, device: torch.device, prefix: str = "", *,
+                 world_size: int | None = None, connect=None):
+        """``store``, ``prefix`` and ``connect`` are kept for callers of the store-header
+        transport; the data path no longer touches the store. ``world_size`` defaults to the
+        default process group's."""
         self.store, self.rank, self.device, self.prefix = store, rank, device, prefix
+        self.world_size = dist.get_world_size() if world_size is None else world_size
         self.gen = 0
         self.local: deque[Message] = deque()
+        self.ahead: list[Message] = []  # messages of a newer generation than this rank's
         self.works: dict[int, list] = {}
         self.graveyard: list = []  # sends of abandoned generations: never waited on
         self.bytes_sent = 0
         self.bytes_received = 0
-        self.comm_time_s = 0.0  # sending (the receiver thread keeps recv_time_s)
+        self.comm_time_s = 0.0  # sending (the receiver threads keep recv_time_s)
         self.recv_time_s = 0.0
         self.messages_sent = 0
         self.messages_received = 0
         self.recv_errors = 0
         self.send_errors = 0
+        self.stale_dropped = 0
         self.queue: queue.SimpleQueue[Message] = queue.SimpleQueue()
-        self._receiver = _Receiver(self, connect)
-        self._receiver.start()
-
-    def _key(self, *parts) -> str:
-        return self.prefix + "/".join(str(p) for p in parts)
+        self._lock = threading.Lock()  # counters written by several receiver threads
+        self._receivers = [_Receiver(self, src) for src in range(self.world_size)
+                           if src != rank]
+        for r in self._receivers:
+            r.start()
 
     def set_generation(self, gen: int) -> None:
         for ws in self.works.values():
@@ -74,34 +101,55 @@ class Transport:
         self.works.clear()
         self.local.clear()
         self.gen = gen
-        self._receiver.wake(lambda: self._receiver.gen_seen == gen)
+        keep = [m for m in self.ahead if m.gen > gen]
+        for m in self.ahead:
+            if m.gen == gen:
+                self.local.append(m)
+        self.ahead = keep
 
-    def close(self) -> None:
-        self._receiver.stopped = True
-        self._receiver.wake(lambda: not self._receiver.is_alive())
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Say ``bye`` to every peer (ending its receiver thread for this rank) and wait a
+        little for the peers' ``bye``; a dead peer's thread has already ended."""
+        for dst in range(self.world_size):
+            if dst == self.rank:
+                continue
+            h = _header(_BYE, self.gen, self.rank)
+            try:
+                self.graveyard.append((dist.isend(h, dst, tag=HEADER_TAG), h))
+            except RuntimeError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        for r in self._receivers:
+            r.join(max(0.0, deadline - time.monotonic()))
 
     def send(self, dst: int, item: int, unit: int, x: torch.Tensor) -> int:
         """Send ``x`` (the input of ``unit`` for ``item``) to ``dst``; returns bytes sent."""
         if dst == self.rank:
-            self.local.append(Message(self.rank, item, unit, x))
+            self.local.append(Message(self.rank, item, unit, x, gen=self.gen))
             return 0
         t0 = time.perf_counter()
         x = x.contiguous()
+        h = _header(_DATA, self.gen, self.rank, item, unit, x)
         try:
+            hw = dist.isend(h, dst, tag=HEADER_TAG)
             work = dist.isend(x, dst, tag=self.gen)
         except RuntimeError:  # dst died: the item is cached and resumes after re-planning
             self.send_errors += 1
             self.comm_time_s += time.perf_counter() - t0
             return 0
-        hdr = json.dumps([self.rank, item, unit, DTYPE_CODES.index(x.dtype), list(x.shape)])
-        ticket = self.store.add(self._key("g", self.gen, "n", dst), 1)
-        self.store.set(self._key("g", self.gen, "h", dst, ticket), hdr)
-        self.works.setdefault(item, []).append((work, x))
+        self.works.setdefault(item, []).extend(((hw, h), (work, x)))
         n = _nbytes(x)
         self.bytes_sent += n
         self.messages_sent += 1
         self.comm_time_s += time.perf_counter() - t0
         return n
+
+    def _accept(self, msg: Message) -> bool:
+        if msg.gen == self.gen:
+            return True
+        if msg.gen > self.gen:
+            self.ahead.append(msg)
+        return False
 
     def poll(self, timeout_s: float = 0.0) -> Message | None:
         """The next message for this rank, waiting up to ``timeout_s``; ``None`` if none came."""
@@ -114,7 +162,7 @@ class Transport:
                     if timeout_s > 0 else self.queue.get_nowait()
             except queue.Empty:
                 return None
-            if msg.gen == self.gen:
+            if self._accept(msg):
                 return msg
 
     def release(self, items) -> None:
@@ -128,65 +176,42 @@ class Transport:
 
 
 class _Receiver(threading.Thread):
-    """Waits on the store for this rank's next header, receives its payload, queues it."""
+    """Receives the headers and payloads one peer sends to this rank and queues them."""
 
-    def __init__(self, t: Transport, connect):
-        super().__init__(daemon=True)
-        self.t, self.connect = t, connect
-        self.store = None
-        self.waiting: str | None = None
-        self.gen_seen = -1
-        self.stopped = False
-        self.ready = threading.Event()
-
-    def wake(self, done, timeout_s: float = 10.0) -> None:
-        """Write a wake-up header under the key the thread waits on until ``done()``."""
-        self.ready.wait(timeout_s)
-        t0 = time.monotonic()
-        while not done() and time.monotonic() - t0 < timeout_s:
-            key = self.waiting
-            if key is not None:
-                self.t.store.compare_set(key, "", _WAKE)
-            time.sleep(1e-4)
+    def __init__(self, t: Transport, src: int):
+        super().__init__(daemon=True, name=f"lapdtr-recv-{src}")
+        self.t, self.src = t, src
 
     def run(self) -> None:
-        t = self.t
-        try:
-            self.store = self.connect()
-        finally:
-            self.ready.set()
-        gen, ticket = None, 1
-        while not self.stopped:
-            if gen != t.gen:
-                gen, ticket = t.gen, 1
-            self.gen_seen = gen
-            key = t._key("g", gen, "h", t.rank, ticket)
-            self.waiting = key
+        t, src = self.t, self.src
+        h = torch.empty(_HEADER_LEN, dtype=torch.int64)
+        while True:
             try:
-                self.store.wait([key])
-                raw = self.store.get(key)
-            except Exception:  # the store is gone: the run is over
+                dist.recv(h, src, tag=HEADER_TAG)
+            except Exception:  # the peer died or the group is gone: nothing more from it
                 return
-            ticket += 1
-            if raw == _WAKE or gen != t.gen:
-                self.store.delete_key(key)
+            kind, gen, _, item, unit, code, ndim, *shape = h.tolist()
+            if kind == _BYE:
+                return
+            if gen < t.gen:  # an abandoned generation: its payload is never received
+                with t._lock:
+                    t.stale_dropped += 1
                 continue
-            src, item, unit, code, shape = json.loads(raw)
             t0 = time.perf_counter()
-            x = torch.empty(shape, dtype=DTYPE_CODES[code], device=t.device)
+            x = torch.empty(shape[:ndim], dtype=DTYPE_CODES[code], device=t.device)
             try:
                 dist.recv(x, src, tag=gen)
-            except RuntimeError:  # the sender died mid-transfer: resumed after re-planning
-                t.recv_errors += 1
+            except Exception:  # the sender died mid-transfer: resumed after re-planning
+                with t._lock:
+                    t.recv_errors += 1
                 t.queue.put(Message(src, item, unit, None, lost=True, gen=gen))
-                self.store.delete_key(key)
-                continue
+                return
             n = _nbytes(x)
-            t.bytes_received += n
-            t.messages_received += 1
-            t.recv_time_s += time.perf_counter() - t0
+            with t._lock:
+                t.bytes_received += n
+                t.messages_received += 1
+                t.recv_time_s += time.perf_counter() - t0
             t.queue.put(Message(src, item, unit, x, n, gen=gen))
-            self.store.delete_key(key)  # after the hand-off: off the critical path
 
 
 class BoundaryCache:

@@ -95,3 +95,35 @@ def kill_rank1_soon_after_it_starts(rank: int) -> None:
         return original(self, msg)
 
     pipeline._Worker.process = process
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world_size: int, *args):
+    """Run ``fn(rank, world_size, port, *args)`` on ``world_size`` local processes.
+
+    Fork where there is one: the ranks inherit the imported torch / timm (spawn re-imports them,
+    ~3 s a rank on a 2-core machine). The parent must not have a process group or CUDA open.
+    """
+    import torch.multiprocessing as mp
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(fn, args=(world_size, free_port(), *args), nprocs=world_size, join=True,
+                       start_method=method)
+
+
+def init_gloo(rank: int, world_size: int, port: int, timeout_s: float = 60.0) -> None:
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=timeout_s))

@@ -1,13 +1,10 @@
 """Ensemble mode: aggregators, and the gloo run equal to the single-process definition."""
 from __future__ import annotations
 
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import lapdtr
@@ -16,6 +13,8 @@ from lapdtr.runtime import ensemble as ens
 from lapdtr.runtime.ensemble import (aggregate, ensemble_reference, get_aggregator,
                                      list_aggregators, register_aggregator, run_ensemble,
                                      weights_from_devices)
+
+from runtime_helpers import init_gloo, spawn
 
 NUM_CLASSES = 7
 
@@ -112,24 +111,10 @@ def _members(world_size: int) -> list[nn.Module]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn, world_size: int, *args):
-    # fork where there is one: the ranks inherit the imported torch / timm (spawn re-imports
-    # them, ~3 s a rank on a 2-core machine)
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(fn, args=(world_size, _free_port(), *args), nprocs=world_size, join=True,
-                       start_method=method)
 
 
 def _ensemble_worker(rank, world_size, port):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=60))
+    init_gloo(rank, world_size, port)
     try:
         models = _members(world_size)
         torch.manual_seed(0)
@@ -168,4 +153,4 @@ def _ensemble_worker(rank, world_size, port):
 @pytest.mark.distributed
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ensemble_across_ranks(world_size):
-    _spawn(_ensemble_worker, world_size)
+    spawn(_ensemble_worker, world_size)

@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import copy
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
@@ -19,6 +16,8 @@ from lapdtr.runtime.tensor import (ShardedAttention, ShardedConv2d, ShardedMlp,
                                    apply_tensor_split, get_tensor_comm_stats, list_tensor_shards,
                                    proportions_from_plan, reference_tensor_split, run_tensor,
                                    split_counts, split_ranges)
+
+from runtime_helpers import init_gloo, spawn
 
 ATOL = 1e-5
 
@@ -249,24 +248,10 @@ def _randomize(model: nn.Module) -> nn.Module:
     return model
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn, world_size: int, *args):
-    # fork where there is one: the ranks inherit the imported torch / timm (spawn re-imports
-    # them, ~3 s a rank on a 2-core machine)
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(fn, args=(world_size, _free_port(), *args), nprocs=world_size, join=True,
-                       start_method=method)
 
 
 def _init(rank: int, world_size: int, port: int):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=60))
+    init_gloo(rank, world_size, port)
 
 
 def _tensor_worker(rank, world_size, port, props):
@@ -326,4 +311,4 @@ def _tensor_worker(rank, world_size, port, props):
 @pytest.mark.distributed
 @pytest.mark.parametrize("props", [[0.7, 0.3], [0.5, 0.3, 0.2]])
 def test_tensor_mode_across_ranks(props):
-    _spawn(_tensor_worker, len(props), props)
+    spawn(_tensor_worker, len(props), props)
