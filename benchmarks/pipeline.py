@@ -7,7 +7,9 @@ For p = 2, 3, 4 ranks and m = 1, 4, 16 micro-batches per batch it measures:
     the ratio reported is achieved efficiency / that bound (lapdtr streams the batches without a
     flush in between, as ScheduleGPipe's first stage also does across steps, so it may pass 1);
   * throughput of ``torch.distributed.pipelining`` (``ScheduleGPipe``), same model, same cuts,
-    same batch and micro-batches, on the same machine right after;
+    same batch and micro-batches, on the same machine right after; both engines make each
+    request's synthetic input inside the clock on their first rank (lapdtr's coordinator does
+    so per request; GPipe's first rank does so before each ``step``);
   * single-request latency (one micro-batch in flight) against the sum of the stage compute
     times and the boundary transfer times measured with plain gloo send/recv, and the overhead
     per boundary in microseconds.
@@ -54,14 +56,14 @@ def _gpipe_worker(rank, p, m, model_name, kw, cuts, batch, requests, port, out_f
     stage = PipelineStage(stage_mod, rank, p, torch.device("cpu"))
     sched = ScheduleGPipe(stage, n_microbatches=m)
     cfg = RunConfig(batch_size=batch)
-    xs = [request_input(cfg, r, 224) for r in range(requests + 1)]
     with torch.no_grad():
         for r in range(requests + 1):
             if r == 1:
                 dist.barrier()
                 t0 = time.perf_counter()
             if rank == 0:
-                sched.step(xs[r])
+                # the request is made inside the clock, as lapdtr's coordinator makes it
+                sched.step(request_input(cfg, r, 224))
             else:
                 sched.step()
     dist.barrier()

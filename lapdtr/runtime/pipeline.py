@@ -408,8 +408,8 @@ class _Worker:
 
     # -- control ----------------------------------------------------------------------------
     def read_state(self) -> dict | None:
-        e = self.st.add("epoch", 0)
-        d = self.st.add("done_upto", 0)
+        keys = [self.st.k("epoch"), self.st.k("done_upto")]
+        e, d = (int(v) for v in self.st.s.multi_get(keys))  # one round trip
         if d > self.done_upto:
             done = range(self.done_upto, d)
             self.transport.release(done)
@@ -515,6 +515,7 @@ class _Coordinator:
         self.done_time: dict[int, float] = {}
         self.next_item = 0
         self.done_mark = 0
+        self.published = 0
         self.duplicates = 0
         self.window = cfg.max_inflight or (2 * len(w.plan.stages) + 2 * w.m)
         self.active = sorted({s.rank for s in w.plan.stages} - {0})
@@ -523,6 +524,7 @@ class _Coordinator:
         self.replans: list[ReplanEvent] = []
         self.telemetry: dict[int, dict] = {}
         self.next_monitor = 0.0
+        self.next_publish = 0.0
         self.bar = None
         if cfg.progress:
             from tqdm import tqdm
@@ -568,11 +570,15 @@ class _Coordinator:
         req = k // self.w.m
         if self.bar is not None and all((req * self.w.m + b) in self.outputs for b in range(self.w.m)):
             self.bar.update(1)
-        old = self.done_mark
         while self.done_mark in self.outputs:
             self.done_mark += 1
-        if self.done_mark > old:
-            self.st.add("done_upto", self.done_mark - old)
+
+    def publish_done(self) -> None:
+        """Tell the ranks how far every item is done (they release sends and evict caches);
+        once per control tick rather than per item, to keep store round trips off the hot path."""
+        if self.done_mark > self.published:
+            self.st.add("done_upto", self.done_mark - self.published)
+            self.published = self.done_mark
 
     # -- monitoring and re-planning ---------------------------------------------------------
     def monitor(self) -> None:
@@ -684,11 +690,14 @@ class _Coordinator:
         while self.done_count() < w.total:
             self.issue()
             now = time.monotonic()
+            if now >= self.next_publish:
+                self.next_publish = now + _CONTROL_INTERVAL_S
+                self.publish_done()
             if now >= self.next_monitor:
                 self.next_monitor = now + min(self.cfg.heartbeat_interval_s, 0.05)
                 w.read_state()
                 self.monitor()
-            msg = _next_message(w, min(self.next_monitor, now + _CONTROL_INTERVAL_S))
+            msg = _next_message(w, min(self.next_monitor, self.next_publish))
             if msg is None or msg.lost:
                 continue
             if msg.unit == w.n:
@@ -747,6 +756,8 @@ def _run_rank(cfg, rank, world_size, st: _Store, host, port, prefix):
             raise RendezvousError(f"rank(s) {missing} did not join within {cfg.join_timeout_s} s "
                                   f"(world_size={world_size})")
         setup = _prepare(cfg, st, world_size)
+        st.add("epoch", 0)  # both exist before any rank reads them (one multi_get per tick)
+        st.add("done_upto", 0)
         st.set("state", json.dumps({"gen": 0}))
         st.set("setup", json.dumps(setup))
     else:
@@ -856,7 +867,7 @@ def _finish(co: _Coordinator, w: _Worker, st: _Store, wall: float) -> RunReport:
         ranks=ranks, replans=co.replans, plan=w.plan.to_dict(),
         meta={"checkpoint": str(w.model.checkpoint), "img_size": w.img_size,
               "backend": dist.get_backend(), "torch": torch.__version__,
-              "data_path": "gloo/nccl point-to-point payloads, headers on the store",
+              "data_path": "gloo/nccl point-to-point: fixed-size int64 header, then payload",
               "request_done_s": done_s})
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

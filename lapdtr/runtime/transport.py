@@ -113,7 +113,7 @@ class Transport:
         for dst in range(self.world_size):
             if dst == self.rank:
                 continue
-            h = _header(_BYE, self.gen, self.rank)
+            h = _header(_BYE, self.gen, self.rank).to(self.device)
             try:
                 self.graveyard.append((dist.isend(h, dst, tag=HEADER_TAG), h))
             except RuntimeError:
@@ -129,7 +129,7 @@ class Transport:
             return 0
         t0 = time.perf_counter()
         x = x.contiguous()
-        h = _header(_DATA, self.gen, self.rank, item, unit, x)
+        h = _header(_DATA, self.gen, self.rank, item, unit, x).to(x.device)
         try:
             hw = dist.isend(h, dst, tag=HEADER_TAG)
             work = dist.isend(x, dst, tag=self.gen)
@@ -184,7 +184,7 @@ class _Receiver(threading.Thread):
 
     def run(self) -> None:
         t, src = self.t, self.src
-        h = torch.empty(_HEADER_LEN, dtype=torch.int64)
+        h = torch.empty(_HEADER_LEN, dtype=torch.int64, device=t.device)
         while True:
             try:
                 dist.recv(h, src, tag=HEADER_TAG)

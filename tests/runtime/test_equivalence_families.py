@@ -1,0 +1,307 @@
+"""Issue 4's equivalence criterion for every model family: pipeline output on 2, 3 and 4 gloo
+ranks equals the single-process model (``assert_close(atol=1e-5, rtol=0)``, fp32).
+
+The cases are the adapter registry x world sizes, so a newly registered family is tested
+without touching this file (with its first example at its default size, unless ``RECIPES``
+names a smaller one). To stay cheap, each world size forks its ranks once and every rank calls
+``run_rank`` for one family after another, each run under its own store prefix; the first case
+of a world size pays for the whole batch, the others read its results.
+
+The weights are redrawn (``_informative_weights``) and saved as the run's checkpoint: with
+timm's own random init the logits of some families hardly depend on the input (EfficientViT-M0
+logits are below 1e-4, zero-initialized BN scales; EfficientViT-B0 logits differ by 5e-6
+between two random inputs), so ``atol=1e-5`` would check almost nothing there. Each case
+asserts that its reference logits differ between inputs by more than 100x the tolerance.
+"""
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lapdtr
+from lapdtr.models.base import default_img_size, units
+from lapdtr.runtime import RunConfig, RunReport, request_input, run_rank
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
+
+ATOL = 1e-5
+WORLD_SIZES = (2, 3, 4)
+FAMILIES = [a.name for a in lapdtr.list_adapters()]
+HOST = "127.0.0.1"
+REQUESTS, BATCH, MICRO_BATCHES = 2, 2, 2
+
+# family -> (model, create_model kwargs, img_size, the format a boundary must carry): small
+# variants so that 27 distributed runs fit in CI. A family missing here runs its first example
+# at its default size, with cuts in the formats it has (see ``choose_cuts``).
+RECIPES = {
+    "vit": ("deit_tiny_patch16_224", {"depth": 3, "img_size": 64, "num_classes": 10}, 64,
+            "tokens"),
+    "tiny_vit": ("tiny_vit_5m_224", {"img_size": 64, "num_classes": 10}, 64, "map_nhwc"),
+    "efficientvit_m": ("efficientvit_m0", {"img_size": 64, "num_classes": 10}, 64, "map"),
+    "efficientvit_b": ("efficientvit_b0", {"num_classes": 10}, 64, "map"),
+    "resnet": ("resnet18", {"num_classes": 10}, 64, "map"),
+    "mobilenet": ("mobilenetv2_100", {"num_classes": 10}, 64, "map"),
+    "vgg": ("vgg11", {"mlp_ratio": 0.01, "num_classes": 10}, 64, "map"),
+    "edgevit": ("edgevit_xxs", {"img_size": 64, "num_classes": 10}, 64, "map"),
+    "squeezenet": ("squeezenet1_1", {"num_classes": 10}, 64, "map"),
+}
+# boundary formats in the order cuts are spent on them: the family-specific layouts first, the
+# generic NCHW map last (every family has one after its stem); unknown formats come first of all
+FORMAT_PRIORITY = ("map_nhwc", "tokens", "map")
+
+
+def choose_cuts(boundary_formats: list[str], world: int) -> list[int]:
+    """``world - 1`` cut indices (a cut ``c`` starts a stage at unit ``c``) for a model whose
+    boundary ``c`` carries ``boundary_formats[c - 1]``: evenly spaced, then moved so that the
+    boundaries carry every format present (as many as there are cuts, most specific first)."""
+    n = len(boundary_formats) + 1
+    if world - 1 > n - 1:
+        raise ValueError(f"world={world} needs {world - 1} cuts but the model has {n} units")
+    cuts: list[int] = []
+    for k in range(1, world):
+        target = k * n / world
+        cuts.append(min((c for c in range(1, n) if c not in cuts),
+                        key=lambda c: (abs(c - target), c)))
+    order = sorted(dict.fromkeys(boundary_formats),
+                   key=lambda f: FORMAT_PRIORITY.index(f) if f in FORMAT_PRIORITY else -1)
+    fixed: set[int] = set()
+    for f in order[:world - 1]:
+        have = [c for c in cuts if c not in fixed and boundary_formats[c - 1] == f]
+        if have:
+            fixed.add(have[0])
+            continue
+        old, new = min(((c, b) for c in cuts if c not in fixed for b in range(1, n)
+                        if b not in cuts and boundary_formats[b - 1] == f),
+                       key=lambda cb: (abs(cb[0] - cb[1]), cb))
+        cuts[cuts.index(old)] = new
+        fixed.add(new)
+    return sorted(cuts)
+
+
+def test_choose_cuts_covers_the_characteristic_format():
+    tiny_vit = ["map", "map", "map_nhwc", "map_nhwc", "map", "map_nhwc", "map_nhwc", "map"]
+    assert [tiny_vit[c - 1] for c in choose_cuts(tiny_vit, 2)] == ["map_nhwc"]
+    assert {tiny_vit[c - 1] for c in choose_cuts(tiny_vit, 3)} == {"map_nhwc", "map"}
+    assert choose_cuts(["map"] * 11, 4) == [3, 6, 9]
+    assert choose_cuts(["tokens"] * 4, 4) == [1, 2, 4]
+    assert choose_cuts(["map", "tokens", "tokens", "tokens", "map"], 2) == [3]
+    with pytest.raises(ValueError, match="world=4 needs 3 cuts"):
+        choose_cuts(["map"], 4)
+
+
+# ---------------------------------------------------------------------------------- per family
+
+class _Case:
+    """A family's model, informative checkpoint, references and the cuts per world size."""
+
+    def __init__(self, family: str, root: Path):
+        adapter = next(a for a in lapdtr.list_adapters() if a.name == family)
+        self.model, self.kwargs, img, self.fmt = RECIPES.get(
+            family, (adapter.examples[0], {}, None, None))
+        torch.manual_seed(0)
+        model = lapdtr.create_model(self.model, **self.kwargs)
+        self.img = img or default_img_size(model)
+        self.root = root
+        self.units = units(model, self.img)
+        self.formats = [u.out_format for u in self.units[:-1]]
+        # the inputs every run of these configs sees (request_input reads seed and batch_size)
+        inputs = [request_input(RunConfig(batch_size=BATCH), r, self.img) for r in range(REQUESTS)]
+        _informative_weights(model, inputs[0], seed=1)
+        if self.fmt is None:
+            self.fmt = sorted(set(self.formats), key=lambda f: FORMAT_PRIORITY.index(f)
+                              if f in FORMAT_PRIORITY else -1)[0]
+        self.checkpoint = root / f"{family}.safetensors"
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
+                  str(self.checkpoint), metadata={"model": self.model})
+        with torch.no_grad():
+            self.reference = [model(x) for x in inputs]
+
+    def config(self, world: int) -> RunConfig:
+        return RunConfig(model=self.model, model_kwargs=self.kwargs, img_size=self.img,
+                         world_size=world, cuts=choose_cuts(self.formats, world),
+                         checkpoint=str(self.checkpoint), requests=REQUESTS, batch_size=BATCH,
+                         micro_batches=MICRO_BATCHES, out=str(self.root / f"w{world}"),
+                         save_outputs=True, plots=False, join_timeout_s=60.0,
+                         threads_per_rank=1).validate()
+
+
+def _informative_weights(model: nn.Module, probe: torch.Tensor, seed: int) -> None:
+    """Redraw the weights so the logits depend on the input well above ``ATOL``: every conv and
+    linear N(0, 1/fan_in), norm scales U(0.5, 1.5), batch-norm shifts and statistics random;
+    then scale the last conv / linear so the largest logit on ``probe`` is 1 (what comes after
+    it, ReLU and pooling at most, is positively homogeneous)."""
+    g = torch.Generator().manual_seed(seed)
+    last = None
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight[0].numel() ** 0.5)
+                last = m
+            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                if m.weight is not None:
+                    m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                    m.bias.copy_(0.1 * torch.randn(n, generator=g))
+                if m.running_mean is not None:
+                    m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                    m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+        scale = 1.0 / float(model(probe).abs().max())
+        last.weight.mul_(scale)
+        if last.bias is not None:
+            last.bias.mul_(scale)
+
+
+# ------------------------------------------------------------------ one set of ranks per world
+
+def _rank_main(rank: int, world: int, port: int, jobs: list, done_key: str) -> None:
+    """Every rank runs the families of ``jobs`` one after another, each under its own prefix;
+    a failed run leaves ``error-rank<r>.txt`` in its ``out`` and the rank goes on with the next.
+    Rank 0 hosts the store (as under torchrun) and leaves last. The parent holds no store: a
+    store's server thread in the parent at fork time can leave a forked child stuck connecting.
+    """
+    import torch.distributed as dist
+
+    code = 0
+    # before any op: the parent ran OpenMP regions, and libgomp's thread pool does not survive
+    # fork (a forked child's first parallel region can hang); cfg.threads_per_rank keeps it at 1
+    torch.set_num_threads(1)
+    try:
+        store = dist.TCPStore(HOST, port, is_master=rank == 0, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=60))
+        for cfg_dict, prefix in jobs:
+            cfg = RunConfig.from_dict(cfg_dict)
+            try:
+                report = run_rank(cfg, rank, world, HOST, port, prefix)
+            except Exception as e:
+                code = 1
+                (Path(cfg.out) / f"error-rank{rank}.txt").write_text(
+                    f"rank {rank}: {type(e).__name__}: {e}")
+                continue
+            if report is not None:
+                report.save(Path(cfg.out) / "report.json")
+        store.set(f"{done_key}/{rank}", "1")
+        if rank == 0:
+            deadline = time.time() + 30.0
+            while time.time() < deadline and not store.check(
+                    [f"{done_key}/{r}" for r in range(world)]):
+                time.sleep(0.01)
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)  # no finalizers in a forked copy of the pytest process
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+class _Runs:
+    def __init__(self, root: Path, families_for_world):
+        self.root, self.families_for_world = root, families_for_world
+        self.cases: dict[str, _Case] = {}
+        self.results: dict[int, dict] = {}
+        self.wall_s: dict[int, float] = {}
+
+    def case(self, family: str) -> _Case:
+        if family not in self.cases:
+            d = self.root / family
+            d.mkdir(parents=True, exist_ok=True)
+            self.cases[family] = _Case(family, d)
+        return self.cases[family]
+
+    def result(self, family: str, world: int):
+        if world not in self.results:
+            self._run_world(world, self.families_for_world(world) or [family])
+        return self.results[world].get(family) or self._run_world(world, [family])[family]
+
+    def _run_world(self, world: int, families: list[str]) -> dict:
+        base = f"eq/{os.getpid()}-{time.time_ns()}/w{world}/"
+        jobs, outs = [], {}
+        for f in families:
+            cfg = self.case(f).config(world)
+            outs[f] = Path(cfg.out)
+            outs[f].mkdir(parents=True, exist_ok=True)
+            for stale in [*outs[f].glob("error-rank*.txt"), outs[f] / "report.json"]:
+                stale.unlink(missing_ok=True)
+            jobs.append((cfg.to_dict(), f"{base}{f}/"))
+        ctx = multiprocessing.get_context(
+            "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        t0 = time.time()
+        port = _free_port()
+        procs = [ctx.Process(target=_rank_main, args=(r, world, port, jobs, base + "done"),
+                             daemon=True) for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = t0 + 60.0 + 20.0 * len(families)
+        for p in procs:
+            p.join(max(0.1, deadline - time.time()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5.0)
+        self.wall_s[world] = time.time() - t0
+        out = self.results.setdefault(world, {})
+        for f in families:
+            errors = [e.read_text() for e in sorted(outs[f].glob("error-rank*.txt"))]
+            if not errors and not (outs[f] / "report.json").exists():
+                errors = [f"no report; ranks {hung} still running after {deadline - t0:.0f} s"
+                          if hung else "no report"]
+            out[f] = (errors, outs[f])
+        return out
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    def families_for_world(world):
+        return [it.callspec.params["family"] for it in request.session.items
+                if getattr(it, "originalname", None) == "test_pipeline_equals_single_process"
+                and it.module is request.module and it.callspec.params["world"] == world]
+
+    r = _Runs(tmp_path_factory.mktemp("equivalence"), families_for_world)
+    yield r
+    if r.wall_s:
+        print("\nequivalence: wall s per world size", {w: round(s, 1) for w, s in r.wall_s.items()})
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pipeline_equals_single_process(runs, family, world):
+    from safetensors.torch import load_file
+
+    case = runs.case(family)
+    cfg = case.config(world)
+    crossing = [case.formats[c - 1] for c in cfg.cuts]
+    assert len(cfg.cuts) == world - 1 and case.fmt in crossing, (cfg.cuts, crossing)
+    # the comparison means something at this tolerance: the logits depend on the input
+    refs = torch.cat(case.reference)
+    assert torch.isfinite(refs).all() and refs.abs().max() < 10.0
+    assert (refs[1:] - refs[:1]).abs().max() > 100 * ATOL
+
+    errors, out = runs.result(family, world)
+    assert not errors, f"{family} ({case.model}) on {world} ranks failed: {errors}"
+    report = RunReport.load(out / "report.json")
+    assert report.completed == REQUESTS and report.duplicates == 0 and not report.replans
+    assert [k.items for k in report.ranks] == [REQUESTS * MICRO_BATCHES] * world
+    stages = sorted(report.plan["stages"], key=lambda s: s["index"])
+    assert [s["rank"] for s in stages] == list(range(world))
+    assert [s["units"][0] for s in stages[1:]] == [case.units[c].name for c in cfg.cuts]
+    outs = load_file(str(out / "outputs.safetensors"))
+    assert sorted(outs) == sorted(f"request{r}" for r in range(REQUESTS))
+    for r, ref in enumerate(case.reference):
+        torch.testing.assert_close(outs[f"request{r}"], ref, atol=ATOL, rtol=0)
