@@ -125,6 +125,19 @@ def transfer_time_s(devices, a: int, b: int, nbytes: float) -> float:
     return link.latency_s + nbytes / link.bandwidth_bps
 
 
+def _account_transfer(out, devices, p: int, c: int, nbytes: float) -> float:
+    """Book ``nbytes`` sent from device ``p`` to ``c`` (bytes, external communication energy on
+    both ends, link time on both); returns the transfer time."""
+    out[p].bytes_sent += nbytes
+    out[p].external_comm_j += nbytes * devices[p].energy_per_byte_j
+    out[c].bytes_received += nbytes
+    out[c].external_comm_j += nbytes * devices[c].energy_per_byte_j
+    dt = transfer_time_s(devices, p, c, nbytes)
+    out[p].comm_s += dt
+    out[c].comm_s += dt
+    return dt
+
+
 def channel_axis(unit) -> int:
     """Length of the axis a horizontal (channel / neuron) split cuts in this unit's output."""
     shape = list(unit.out_shape)
@@ -372,15 +385,7 @@ def placement_energy(model_profile, devices, placement: Placement, *, fused: Seq
                 for p, fp in active:
                     if p == c:
                         continue
-                    nbytes = fp * inner
-                    out[p].bytes_sent += nbytes
-                    out[p].external_comm_j += nbytes * devices[p].energy_per_byte_j
-                    out[c].bytes_received += nbytes
-                    out[c].external_comm_j += nbytes * devices[c].energy_per_byte_j
-                    dt = transfer_time_s(devices, p, c, nbytes)
-                    out[p].comm_s += dt
-                    out[c].comm_s += dt
-                    t += dt
+                    t += _account_transfer(out, devices, p, c, fp * inner)
                 t_max = max(t_max, t)
             latency += t_max
         if i + 1 == len(units) or i in fused:
@@ -396,15 +401,7 @@ def placement_energy(model_profile, devices, placement: Placement, *, fused: Seq
             for p, fp in parts:
                 if fp <= 0 or p == c:
                     continue
-                nbytes = fp * B
-                out[p].bytes_sent += nbytes
-                out[p].external_comm_j += nbytes * devices[p].energy_per_byte_j
-                out[c].bytes_received += nbytes
-                out[c].external_comm_j += nbytes * devices[c].energy_per_byte_j
-                dt = transfer_time_s(devices, p, c, nbytes)
-                out[p].comm_s += dt
-                out[c].comm_s += dt
-                t += dt
+                t += _account_transfer(out, devices, p, c, fp * B)
             recv_t = max(recv_t, t)
         latency += recv_t
     for d, e in enumerate(out):
