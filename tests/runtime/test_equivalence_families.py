@@ -29,6 +29,8 @@ import lapdtr
 from lapdtr.models.base import default_img_size, units
 from lapdtr.runtime import RunConfig, RunReport, request_input, run_rank
 
+from runtime_helpers import free_port
+
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
 ATOL = 1e-5
@@ -202,14 +204,6 @@ def _rank_main(rank: int, world: int, port: int, jobs: list, done_key: str) -> N
         os._exit(code)  # no finalizers in a forked copy of the pytest process
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 class _Runs:
     def __init__(self, root: Path, families_for_world):
         self.root, self.families_for_world = root, families_for_world
@@ -242,7 +236,7 @@ class _Runs:
         ctx = multiprocessing.get_context(
             "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         t0 = time.time()
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_rank_main, args=(r, world, port, jobs, base + "done"),
                              daemon=True) for r in range(world)]
         for p in procs:
