@@ -3,7 +3,6 @@ partitioning strategies the way Tang & Stefanov do (maximum per-device energy no
 device, for 2..K devices)."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -216,18 +215,10 @@ def add_plan_commands(subparsers) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="lapdtr-plan", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    add_plan_commands(sub)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except ValueError as e:
-        print(f"lapdtr {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    """Run these commands standalone: the ``lapdtr`` command with the same arguments."""
+    from ..cli import main as lapdtr_main
+
+    return lapdtr_main(argv)
 
 
 if __name__ == "__main__":

@@ -66,12 +66,7 @@ def plot_plan(plan, unit_names, path) -> Path:
     ax2.set_ylabel("predicted energy per request (J)")
     ax2.set_title(f"per-device energy (objective: {plan.objective})")
     ax2.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_compare(result: dict, path) -> Path:
@@ -93,6 +88,10 @@ def plot_compare(result: dict, path) -> Path:
     ax.set_ylabel("max per-device energy / one device")
     ax.set_title(f"{result['model']}: one device {result['single_device_energy_j']:.4g} J/request")
     ax.legend()
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

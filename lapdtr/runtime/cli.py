@@ -5,7 +5,6 @@ runs them standalone (``python -m lapdtr.runtime.cli demo``).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -81,15 +80,10 @@ def add_runtime_commands(subparsers) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="lapdtr", description="lapdtr distributed runtime")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_runtime_commands(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """Run these commands standalone: the ``lapdtr`` command with the same arguments."""
+    from ..cli import main as lapdtr_main
+
+    return lapdtr_main(argv)
 
 
 if __name__ == "__main__":
