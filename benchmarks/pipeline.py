@@ -1,21 +1,28 @@
 """Pipeline runtime benchmark on local CPU ranks (gloo).
 
-For p = 2, 3, 4 ranks and m = 1, 4, 16 micro-batches per batch it measures:
+For p = 2, 3, 4 ranks and m = 1, 4, 16 micro-batches per batch it measures, ``--trials``
+times with the two engines alternating (this machine's speed drifts by several percent over a
+minute, so one run of each compares drift as much as engines; the medians are reported):
   * throughput of lapdtr's pipeline against the GPipe bubble bound: with per-micro-batch stage
     times t_i measured in the same run, a flushed batch of m micro-batches cannot go faster than
     (m + p - 1) * max(t_i), i.e. efficiency m / (m + p - 1) of the bottleneck rate 1 / max(t_i);
     the ratio reported is achieved efficiency / that bound (lapdtr streams the batches without a
     flush in between, as ScheduleGPipe's first stage also does across steps, so it may pass 1);
   * throughput of ``torch.distributed.pipelining`` (``ScheduleGPipe``), same model, same cuts,
-    same batch and micro-batches, on the same machine right after; both engines make each
-    request's synthetic input inside the clock on their first rank (lapdtr's coordinator does
-    so per request; GPipe's first rank does so before each ``step``);
-  * single-request latency (one micro-batch in flight) against the sum of the stage compute
-    times and the boundary transfer times measured with plain gloo send/recv, and the overhead
-    per boundary in microseconds.
+    same batch and micro-batches, right after; both engines make each request's synthetic input
+    inside the clock on their first rank (lapdtr's coordinator does so per request; GPipe's
+    first rank does so before each ``step``). With more ranks than cores, lapdtr runs with CPU
+    slots (``lapdtr.runtime.slots``, its default); ``--slots-ab`` also runs it without;
+  * single-request latency (one image in flight) against a *bare pipeline*: the same stages on
+    the same ranks joined by blocking ``dist.send``/``dist.recv`` into preallocated buffers of
+    known shapes, nothing else (no headers, threads, caches, control plane), i.e. the sum of
+    stage compute and transfer as it is on this machine; and, as a second reference, against
+    lapdtr's own stage compute plus a warm gloo ping-pong of each boundary;
+  * the overhead per boundary in microseconds (a tiny message, one way: lapdtr's transport vs a
+    plain gloo send/recv).
 
     python benchmarks/pipeline.py                   # full grid, writes runs/bench/pipeline.json
-    python benchmarks/pipeline.py --ranks 2 3 --micro-batches 1 4 --requests 4 --depth 6
+    python benchmarks/pipeline.py --ranks 2 3 --micro-batches 1 4 --requests 4 --trials 1
 
 Numbers depend on the machine and its load: on a machine with fewer cores than ranks, stages
 share cores, so compare the ratios, not the absolute rates.
@@ -26,6 +33,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -159,7 +167,8 @@ def _overhead_worker(rank, reps, port, prefix, out_file):
 
 def boundary_overhead_us(reps=300) -> dict:
     """One-way time of a tiny boundary message: plain gloo send/recv vs lapdtr's transport
-    (store header + gloo payload + receiver thread); the difference is lapdtr's overhead."""
+    (header + payload, pre-posted receives, receiver thread); the difference is lapdtr's
+    overhead."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     out = Path(f"/tmp/lapdtr-ov-{os.getpid()}.json")
     mp.start_processes(_overhead_worker, args=(reps, store.port, "ov/", str(out)), nprocs=2,
@@ -170,9 +179,60 @@ def boundary_overhead_us(reps=300) -> dict:
             "overhead_us": (res["lapdtr"] - res["gloo"]) * 1e6}
 
 
+def _bare_worker(rank, p, model_name, kw, cuts, requests, port, out_file, threads, img):
+    """The bare pipeline: stage ``rank`` between blocking gloo send/recv of known shapes."""
+    torch.set_num_threads(threads)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False)
+    dist.init_process_group("gloo", store=dist.PrefixStore("bare", store), rank=rank,
+                            world_size=p, timeout=datetime.timedelta(seconds=300))
+    torch.manual_seed(0)
+    stages = lapdtr.partition(lapdtr.create_model(model_name, **kw).eval(), cuts)
+    cfg = RunConfig(batch_size=1)
+    with torch.no_grad():
+        x = request_input(cfg, 0, img)
+        ins = []
+        for st in stages:  # boundary shapes, known in advance as in any static pipeline
+            ins.append(torch.empty_like(x))
+            x = st(x)
+        out = torch.empty_like(x)
+        stage, lat = stages[rank], []
+        for r in range(requests + 2):  # two untimed warm-up requests
+            if rank == 0:
+                x = request_input(cfg, r, img)
+                t0 = time.perf_counter()
+                y = stage(x)
+                if p > 1:
+                    dist.send(y, 1)
+                    dist.recv(out, p - 1)
+                if r >= 2:
+                    lat.append(time.perf_counter() - t0)
+            else:
+                dist.recv(ins[rank], rank - 1)
+                dist.send(stage(ins[rank]), (rank + 1) % p)
+    if rank == 0:
+        Path(out_file).write_text(json.dumps({"latency_s": lat}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_bare(p, model_name, kw, cuts, requests, threads, img) -> list[float]:
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    out = Path(f"/tmp/lapdtr-bare-{os.getpid()}.json")
+    mp.start_processes(_bare_worker, args=(p, model_name, kw, cuts, requests, store.port,
+                                           str(out), threads, img),
+                       nprocs=p, start_method="spawn")
+    lat = json.loads(out.read_text())["latency_s"]
+    out.unlink()
+    return lat
+
+
 def stage_times(report) -> list[float]:
     """Per-item compute time of each rank (seconds per micro-batch)."""
     return [k.compute_s / max(1, k.items) for k in report.ranks]
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else float("nan")
 
 
 def main(argv=None) -> int:
@@ -184,8 +244,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--requests", type=int, default=6,
                     help="batches per measurement (both engines warm up first, untimed)")
+    ap.add_argument("--trials", type=int, default=3,
+                    help="alternating runs of each engine per point; medians are reported")
+    ap.add_argument("--latency-requests", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--no-gpipe", action="store_true")
+    ap.add_argument("--slots-ab", action="store_true",
+                    help="where lapdtr uses CPU slots, also run it without (cpu_slots=0)")
     ap.add_argument("--overhead-only", action="store_true",
                     help="only the per-boundary overhead micro-benchmark")
     ap.add_argument("--out", default="runs/bench")
@@ -196,71 +261,107 @@ def main(argv=None) -> int:
         print(json.dumps(boundary_overhead_us(), indent=2))
         return 0
     kw = {"depth": args.depth} if "deit" in args.model or "vit" in args.model else {}
-    n_units = len(lapdtr.units(lapdtr.create_model(args.model, **kw)))
+    units = lapdtr.units(lapdtr.create_model(args.model, **kw))
+    n_units = len(units)
     results = {"model": args.model, "model_kwargs": kw, "batch": args.batch,
-               "requests": args.requests, "threads_per_rank": args.threads,
-               "cpu_count": os.cpu_count(), "torch": torch.__version__, "throughput": [],
-               "latency": []}
+               "requests": args.requests, "trials": args.trials,
+               "threads_per_rank": args.threads, "cpu_count": os.cpu_count(),
+               "torch": torch.__version__, "throughput": [], "latency": []}
     print(f"{args.model} {kw}: {n_units} units, batch {args.batch}, {args.requests} batches per "
-          f"point, {os.cpu_count()} CPU cores")
-    print(f"{'p':>2} {'m':>3} {'lapdtr img/s':>12} {'bound img/s':>11} {'eff':>6} {'bound eff':>9} "
-          f"{'ratio':>6} {'gpipe img/s':>11} {'vs gpipe':>8}")
+          f"point, {args.trials} trial(s) each, {os.cpu_count()} CPU cores; medians over trials")
+    print(f"{'p':>2} {'m':>3} {'slots':>5} {'lapdtr img/s':>12} {'bound img/s':>11} "
+          f"{'eff':>6} {'bound eff':>9} {'ratio':>6} {'gpipe img/s':>11} {'vs gpipe':>8} "
+          f"{'(min-max)':>11}")
     for p in args.ranks:
         cuts = even_cuts(n_units, p)
         for m in args.micro_batches:
             if m > args.batch:
                 continue
-            cfg = RunConfig(model=args.model, model_kwargs=kw, world_size=p, cuts=cuts,
-                            requests=args.requests, batch_size=args.batch, micro_batches=m,
-                            out=str(out / f"p{p}_m{m}"), plots=False,
-                            threads_per_rank=args.threads)
-            r = run(cfg)
-            t = stage_times(r)
+            trials = []
+            for t in range(args.trials):
+                variants = [None] + ([0] if args.slots_ab else [])
+                tr = {}
+                for slots in variants:
+                    cfg = RunConfig(model=args.model, model_kwargs=kw, world_size=p, cuts=cuts,
+                                    requests=args.requests, batch_size=args.batch,
+                                    micro_batches=m, out=str(out / f"p{p}_m{m}"), plots=False,
+                                    threads_per_rank=args.threads, cpu_slots=slots)
+                    r = run(cfg)
+                    st = stage_times(r)
+                    key = "lapdtr" if slots is None else "lapdtr_no_slots"
+                    # ranks warm up before the clock starts
+                    tr[key] = {"img_s": r.completed * args.batch / r.wall_s, "stage_s": st,
+                               "cpu_s": [k.cpu_s for k in r.ranks],
+                               "cpu_slots": r.ranks[0].cpu_slots,
+                               "slot_wait_s": [k.slot_wait_s for k in r.ranks],
+                               "latency_p50_s": r.latency_p50_s}
+                if not args.no_gpipe:
+                    tr["gpipe_img_s"] = run_gpipe(p, m, args.model, kw, cuts, args.batch,
+                                                  args.requests, args.threads)
+                    tr["vs_gpipe"] = tr["lapdtr"]["img_s"] / tr["gpipe_img_s"]
+                trials.append(tr)
+            lap = [t["lapdtr"] for t in trials]
+            rate = _median([x["img_s"] for x in lap])
+            st = [_median([x["stage_s"][i] for x in lap]) for i in range(p)]
             mb = args.batch / m
-            rate = r.completed * args.batch / r.wall_s  # ranks warm up before the clock starts
-            ideal = mb / max(t)  # images/s with no bubble at the bottleneck stage
+            ideal = mb / max(st)  # images/s with no bubble at the bottleneck stage
             bound_eff = m / (m + p - 1)
             eff = rate / ideal
-            row = {"p": p, "m": m, "cuts": cuts, "lapdtr_img_s": rate, "stage_s": t,
-                   "ideal_img_s": ideal, "bound_efficiency": bound_eff, "efficiency": eff,
-                   "ratio_to_bound": eff / bound_eff, "latency_p50_s": r.latency_p50_s}
-            if not args.no_gpipe:
-                g = run_gpipe(p, m, args.model, kw, cuts, args.batch, args.requests, args.threads)
-                row.update(gpipe_img_s=g, vs_gpipe=rate / g)
+            row = {"p": p, "m": m, "cuts": cuts, "cpu_slots": lap[0]["cpu_slots"],
+                   "lapdtr_img_s": rate, "stage_s": st, "ideal_img_s": ideal,
+                   "bound_efficiency": bound_eff, "efficiency": eff,
+                   "ratio_to_bound": eff / bound_eff, "trials": trials}
+            if args.slots_ab and lap[0]["cpu_slots"]:
+                row["lapdtr_no_slots_img_s"] = _median([t["lapdtr_no_slots"]["img_s"]
+                                                        for t in trials])
+            vs = [t["vs_gpipe"] for t in trials if "vs_gpipe" in t]
+            if vs:
+                row.update(gpipe_img_s=_median([t["gpipe_img_s"] for t in trials]),
+                           vs_gpipe=_median(vs), vs_gpipe_min=min(vs), vs_gpipe_max=max(vs))
             results["throughput"].append(row)
-            print(f"{p:>2} {m:>3} {rate:>12.1f} {ideal * bound_eff:>11.1f} {eff:>6.2f} "
-                  f"{bound_eff:>9.2f} {eff / bound_eff:>6.2f} "
+            print(f"{p:>2} {m:>3} {row['cpu_slots']:>5} {rate:>12.1f} {ideal * bound_eff:>11.1f} "
+                  f"{eff:>6.2f} {bound_eff:>9.2f} {eff / bound_eff:>6.2f} "
                   f"{row.get('gpipe_img_s', float('nan')):>11.1f} "
-                  f"{row.get('vs_gpipe', float('nan')):>8.2f}", flush=True)
+                  f"{row.get('vs_gpipe', float('nan')):>8.2f} "
+                  f"{row.get('vs_gpipe_min', float('nan')):>5.2f}-"
+                  f"{row.get('vs_gpipe_max', float('nan')):<5.2f}"
+                  + (f"  (no slots: {row['lapdtr_no_slots_img_s']:.1f} img/s)"
+                     if "lapdtr_no_slots_img_s" in row else ""), flush=True)
 
     # single-request latency: one micro-batch of one image in flight at a time
-    print(f"\n{'p':>2} {'latency ms':>10} {'compute ms':>10} {'transfer ms':>11} {'ratio':>6} "
-          f"{'overhead/boundary us':>20}")
+    print(f"\n{'p':>2} {'lapdtr ms':>9} {'bare ms':>8} {'vs bare':>7} {'compute ms':>10} "
+          f"{'transfer ms':>11} {'vs c+t':>6} {'over bare/boundary us':>21}")
+    img = 224
     for p in args.ranks:
         cuts = even_cuts(n_units, p)
-        cfg = RunConfig(model=args.model, model_kwargs=kw, world_size=p, cuts=cuts,
-                        requests=max(8, args.requests), batch_size=1, micro_batches=1,
-                        max_inflight=1, out=str(out / f"lat_p{p}"), plots=False,
-                        threads_per_rank=args.threads)
-        r = run(cfg)
-        compute = sum(stage_times(r))
-        units = lapdtr.units(lapdtr.create_model(args.model, **kw))
-        img = 224
+        lat_l, lat_b, comp = [], [], []
+        for t in range(args.trials):
+            cfg = RunConfig(model=args.model, model_kwargs=kw, world_size=p, cuts=cuts,
+                            requests=args.latency_requests, batch_size=1, micro_batches=1,
+                            max_inflight=1, out=str(out / f"lat_p{p}"), plots=False,
+                            threads_per_rank=args.threads)
+            r = run(cfg)
+            lat_l.append(r.latency_p50_s)
+            comp.append(sum(stage_times(r)))
+            lat_b.append(_median(run_bare(p, args.model, kw, cuts, args.latency_requests,
+                                          args.threads, img)))
+        lat, bare, compute = _median(lat_l), _median(lat_b), _median(comp)
         sizes = [4 * 3 * img * img] + [int(torch.tensor(units[c - 1].out_shape).prod()) * 4
                                         for c in cuts] + [int(torch.tensor(units[-1].out_shape).prod()) * 4]
         tt = transfer_times(sizes)
         # boundaries: input to stage 0 (from rank 0 to itself: no transfer), the p-1 cuts, and
         # the logits back to rank 0
         transfer = sum(tt[s] for s in sizes[1:])
-        lat = r.latency_p50_s
         boundaries = p  # p - 1 cuts + the way back to the coordinator
-        over = (lat - compute - transfer) / boundaries
-        results["latency"].append({"p": p, "latency_s": lat, "compute_s": compute,
-                                   "transfer_s": transfer, "ratio": lat / (compute + transfer),
-                                   "overhead_per_boundary_us": over * 1e6,
-                                   "boundary_bytes": sizes})
-        print(f"{p:>2} {lat * 1e3:>10.2f} {compute * 1e3:>10.2f} {transfer * 1e3:>11.3f} "
-              f"{lat / (compute + transfer):>6.2f} {over * 1e6:>20.0f}", flush=True)
+        over = (lat - bare) / boundaries
+        results["latency"].append({
+            "p": p, "latency_s": lat, "bare_latency_s": bare, "vs_bare": lat / bare,
+            "compute_s": compute, "transfer_s": transfer, "ratio": lat / (compute + transfer),
+            "overhead_vs_bare_per_boundary_us": over * 1e6, "boundary_bytes": sizes,
+            "trials": {"lapdtr_p50_s": lat_l, "bare_p50_s": lat_b, "compute_s": comp}})
+        print(f"{p:>2} {lat * 1e3:>9.2f} {bare * 1e3:>8.2f} {lat / bare:>7.3f} "
+              f"{compute * 1e3:>10.2f} {transfer * 1e3:>11.3f} {lat / (compute + transfer):>6.3f} "
+              f"{over * 1e6:>21.0f}", flush=True)
     ov = boundary_overhead_us()
     results["boundary_overhead"] = ov
     print(f"\nper-boundary overhead (tiny tensor, one way): gloo send/recv "

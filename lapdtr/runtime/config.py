@@ -43,6 +43,9 @@ class RunConfig:
     ``cuts``: explicit cut points (unit indices or names), stage ``i`` on rank ``i``; otherwise
     ``plan`` (a ``plan.json``) or, with neither, the planner ``strategy`` on ``devices``.
     ``requests`` requests of ``batch_size`` inputs each, each split into ``micro_batches``.
+    ``cpu_slots`` (pipeline mode on CPU ranks): how many of this host's ranks may run a stage at
+    once (``lapdtr.runtime.slots``); ``None`` picks it from the cores (no limit when the ranks'
+    threads fit on them), ``0`` turns the limit off.
     """
 
     model: str = "deit_tiny_patch16_224"
@@ -74,6 +77,7 @@ class RunConfig:
     aggregator: str = "mean"
     ensemble_models: list | None = None
     threads_per_rank: int | None = None
+    cpu_slots: int | None = None
     progress: bool = False
     plots: bool = True
 
@@ -100,6 +104,8 @@ class RunConfig:
             _check_int("threads_per_rank", self.threads_per_rank, 1)
         if self.max_inflight is not None:
             _check_int("max_inflight", self.max_inflight, 1)
+        if self.cpu_slots is not None:
+            _check_int("cpu_slots", self.cpu_slots, 0)
         _check_float("heartbeat_interval_s", self.heartbeat_interval_s, 1e-3)
         _check_float("heartbeat_timeout_s", self.heartbeat_timeout_s, 1e-3)
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:

@@ -10,8 +10,17 @@ carries an item and the unit its receiver starts at, so after a re-plan any rank
 item from any cached boundary: the holder of the furthest boundary re-sends it to the rank that
 now owns the next unit. Store keys (under the run prefix): ``join/<rank>``, ``setup``, ``go``,
 ``epoch`` (bumped on every control change), ``state`` (JSON: gen, stop, abort), ``plan/<gen>``,
-``hb/<rank>``, ``tele/<rank>``, ``done_upto``, ``g/<gen>/inv/<rank>``, ``g/<gen>/resume``,
-``report/<rank>``, ``error/<rank>``.
+``tele/<rank>`` (heartbeat time and energy telemetry), ``g/<gen>/inv/<rank>``,
+``g/<gen>/resume``, ``report/<rank>``, ``error/<rank>``.
+
+Control without polling. After every control change the coordinator sends each follower a
+control message on the data path (``Transport.send_control``: its epoch, and how far items are
+done), so followers block on their message queue and read the store only when told to; the
+coordinator also sends one every ``_PUBLISH_S`` while items complete, so followers release
+finished sends and evict their caches. A follower looks at the store by itself only after
+``_SAFETY_POLL_S`` without any message, and learns of the coordinator's death from its stream
+ending (a ``gone`` message). On a machine with fewer cores than ranks this matters: a store
+round trip every few milliseconds on every rank costs the stages measurable throughput.
 
 Failures. A gloo process group keeps working for point-to-point traffic between the survivors
 when a member dies (only ops with the dead rank fail), so the runtime keeps one group for the
@@ -27,6 +36,7 @@ with an error saying so.) Detection takes up to
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -43,7 +53,8 @@ from ..profile.types import DeviceProfile
 from .config import RunConfig
 from .report import RankReport, ReplanEvent, RunReport, percentile
 from .stages import RankModel, build_host, check_checkpoint, default_checkpoint_path, write_checkpoint
-from .transport import BoundaryCache, Transport
+from .slots import CpuSlots, auto_slots
+from .transport import CONTROL, DATA, GONE, BoundaryCache, Transport
 
 __all__ = ["run_rank", "build_plan_from_cuts", "check_plan", "request_input", "default_devices",
            "RendezvousError"]
@@ -152,7 +163,7 @@ def _client(host: str, port: int, timeout_s: float = 86400.0):
 
 
 class _Heartbeat(threading.Thread):
-    """Writes ``hb/<rank>`` (wall time) and ``tele/<rank>`` (energy) every interval."""
+    """Writes ``tele/<rank>`` (wall time ``hb`` and energy telemetry) every interval."""
 
     def __init__(self, host, port, prefix, rank, interval_s, telemetry):
         super().__init__(daemon=True)
@@ -163,12 +174,39 @@ class _Heartbeat(threading.Thread):
 
     def beat(self):
         self.store.set(("tele", self.rank), json.dumps(self.telemetry()))
-        self.store.set(("hb", self.rank), repr(time.time()))
 
     def run(self):
         while not self.stopped.wait(self.interval_s):
             try:
                 self.beat()
+            except Exception:  # the store is gone: the run is over
+                return
+
+
+class _Watcher(threading.Thread):
+    """Rank 0: reads every rank's telemetry and the abort key every interval, off the main
+    thread (whose store round trips would otherwise sit between stages and outputs)."""
+
+    def __init__(self, host, port, prefix, world_size, interval_s):
+        super().__init__(daemon=True)
+        self.store = _Store(_client(host, port, 60.0), prefix)
+        self.ranks, self.interval_s = list(range(1, world_size)), interval_s
+        self.tele: dict[int, dict] = {}
+        self.abort: str | None = None
+        self.stopped = threading.Event()
+
+    def read(self) -> None:
+        st = self.store
+        if st.has("abort"):
+            self.abort = st.s.get(st.k("abort")).decode()
+        if self.ranks:  # every rank wrote its telemetry before the run started
+            vals = st.s.multi_get([st.k("tele", r) for r in self.ranks])
+            self.tele = {r: json.loads(v) for r, v in zip(self.ranks, vals)}  # one swap
+
+    def run(self):
+        while not self.stopped.wait(self.interval_s):
+            try:
+                self.read()
             except Exception:  # the store is gone: the run is over
                 return
 
@@ -288,6 +326,8 @@ class _Worker:
         self.fired: set[int] = set()
         self.refused = 0
         self.below_since: float | None = None
+        self.cpu0 = _cpu_time()
+        self.slots = _make_slots(cfg, rank, world_size, device)
         self._apply_plan(self.plan)
         self._make_meter()
         for i, f in enumerate(cfg.faults):
@@ -340,7 +380,8 @@ class _Worker:
         m = self.meter
         if self.below_since is None and self.below_min():
             self.below_since = time.time()
-        return {"below_since": self.below_since, "energy_j": m.energy_j() if m else 0.0,
+        return {"hb": time.time(), "below_since": self.below_since,
+                "energy_j": m.energy_j() if m else 0.0,
                 "remaining_j": m.remaining_j() if m else None,
                 "energy_min_j": self.energy_min_j, "items": self.report.items,
                 "device": self.report.device, "energy_label": self.report.energy_label,
@@ -373,10 +414,11 @@ class _Worker:
         Below E_min a rank refuses work: it tells the coordinator at once and drops the item,
         which its sender still holds in its cache and re-sends to the new owner after re-planning.
         """
-        self._faults(msg.item)
+        if self.cfg.faults:
+            self._faults(msg.item)
         if self.meter is not None and msg.nbytes and hasattr(self.meter, "record_bytes"):
             self.meter.record_bytes(received=msg.nbytes)
-        if self.below_min():
+        if self.meter is not None and self.below_min():
             self.refused += 1
             if self.refused == 1:
                 self.st.set(("tele", self.rank), json.dumps(self.telemetry()))
@@ -384,12 +426,14 @@ class _Worker:
         u = msg.unit
         e = self.end_of[u]
         stage_settings(self.stage_of[u], self.meter.remaining_j() if self.meter else None)
-        t0 = time.time()
-        c0 = time.perf_counter()
-        y = self.model.run(msg.tensor.to(self.device), u, e)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - c0
+        x = msg.tensor if self.device.type == "cpu" else msg.tensor.to(self.device)
+        with self.slots or _NO_SLOTS:
+            t0 = time.time()
+            c0 = time.perf_counter()
+            y = self.model.run(x, u, e)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - c0
         self.report.compute_s += dt
         self.report.items += 1
         self.report.timeline.append([msg.item, u, e, t0 - self.t0, t0 + dt - self.t0])
@@ -407,17 +451,21 @@ class _Worker:
             self.meter.record_idle(dt)
 
     # -- control ----------------------------------------------------------------------------
-    def read_state(self) -> dict | None:
-        keys = [self.st.k("epoch"), self.st.k("done_upto")]
-        e, d = (int(v) for v in self.st.s.multi_get(keys))  # one round trip
-        if d > self.done_upto:
-            done = range(self.done_upto, d)
-            self.transport.release(done)
-            self.cache.evict_below(d)
-            self.done_upto = d
-        if e == self.epoch:
+    def mark_done(self, done: int) -> None:
+        """Items below ``done`` are complete: finish their sends, drop their cached boundaries."""
+        if done > self.done_upto:
+            self.transport.release(range(self.done_upto, done))
+            self.cache.evict_below(done)
+            self.done_upto = done
+
+    def read_state(self, epoch: int | None = None) -> dict | None:
+        """The control state if its epoch moved past this rank's (``epoch`` from a control
+        message, else read from the store), else ``None``."""
+        if epoch is None:
+            epoch = int(self.st.s.get(self.st.k("epoch")))
+        if epoch <= self.epoch:
             return None
-        self.epoch = e
+        self.epoch = epoch
         return self.st.get_json("state")
 
     def inventory(self) -> dict[int, int]:
@@ -433,6 +481,10 @@ class _Worker:
     def finish_report(self, status: str) -> RankReport:
         r = self.report
         r.status = status
+        r.cpu_s = _cpu_time() - self.cpu0
+        if self.slots is not None:
+            r.cpu_slots, r.slot_wait_s = self.slots.n, self.slots.wait_s
+            self.slots.close()
         r.comm_s = self.transport.comm_time_s + self.transport.recv_time_s
         r.bytes_sent, r.bytes_received = self.transport.bytes_sent, self.transport.bytes_received
         r.messages_sent = self.transport.messages_sent
@@ -448,7 +500,29 @@ class _Worker:
         return r
 
 
-_CONTROL_INTERVAL_S = 0.01  # how often a rank looks at the control plane
+_PUBLISH_S = 0.05  # how often the coordinator tells followers how far items are done
+_OVERDUE_S = 0.05  # a busy coordinator interrupts its work for duties this late
+_SAFETY_POLL_S = 1.0  # a follower with no message for this long looks at the store itself
+
+
+_NO_SLOTS = contextlib.nullcontext()
+
+
+def _make_slots(cfg: RunConfig, rank: int, world_size: int, device: torch.device):
+    """The CPU slots this rank runs its stages in (``None``: no limit); see ``slots.py``."""
+    if device.type != "cpu":
+        return None
+    n = cfg.cpu_slots
+    if n is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        n = auto_slots(local, torch.get_num_threads())
+    return CpuSlots(n, rank) if n else None
+
+
+def _cpu_time() -> float:
+    """CPU time of this process (user + system, all threads)."""
+    t = os.times()
+    return t.user + t.system
 
 
 def _next_message(w: _Worker, until: float):
@@ -463,24 +537,31 @@ def _next_message(w: _Worker, until: float):
 
 def _follower_loop(w: _Worker) -> str:
     """Every rank but the coordinator: process messages, follow control changes."""
-    next_ctl = 0.0
     while True:
-        now = time.monotonic()
-        if now >= next_ctl:
-            next_ctl = now + _CONTROL_INTERVAL_S
-            state = w.read_state()
-            if state is not None:
-                if state.get("abort"):
-                    raise RendezvousError(state["abort"])
-                if state["gen"] > w.gen:
-                    if not _follow_replan(w, state["gen"]):
-                        return "left"
-                    continue
-                if state.get("stop"):
-                    return "ok"
-        msg = _next_message(w, next_ctl)
-        if msg is not None and not msg.lost:
+        msg = _next_message(w, time.monotonic() + _SAFETY_POLL_S)
+        if msg is not None and msg.kind == DATA:
             w.process(msg)
+            continue
+        epoch = None
+        if msg is not None and msg.kind == CONTROL:
+            w.mark_done(msg.unit)
+            epoch = msg.item
+        state = w.read_state(epoch)
+        if msg is not None and msg.kind == GONE and msg.src == 0 and state is None:
+            state = w.st.get_json("state")
+            if not (state.get("stop") or state.get("abort")):
+                raise RendezvousError("rank 0 (the coordinator) is gone: its stream to rank "
+                                      f"{w.rank} ended without a goodbye")
+        if state is None:
+            continue
+        if state.get("abort"):
+            raise RendezvousError(state["abort"])
+        if state["gen"] > w.gen:
+            if not _follow_replan(w, state["gen"]):
+                return "left"
+            continue
+        if state.get("stop"):
+            return "ok"
 
 
 def _follow_replan(w: _Worker, gen: int) -> bool:
@@ -515,7 +596,6 @@ class _Coordinator:
         self.done_time: dict[int, float] = {}
         self.next_item = 0
         self.done_mark = 0
-        self.published = 0
         self.duplicates = 0
         self.window = cfg.max_inflight or (2 * len(w.plan.stages) + 2 * w.m)
         self.active = sorted({s.rank for s in w.plan.stages} - {0})
@@ -525,6 +605,7 @@ class _Coordinator:
         self.telemetry: dict[int, dict] = {}
         self.next_monitor = 0.0
         self.next_publish = 0.0
+        self.pushed = (-1, -1)  # (epoch, done) last sent to the followers
         self.bar = None
         if cfg.progress:
             from tqdm import tqdm
@@ -537,18 +618,35 @@ class _Coordinator:
         cur = self.st.get_json("state")
         cur.update(state)
         self.st.set("state", json.dumps(cur))
-        self.st.add("epoch", 1)
+        self.w.epoch = self.st.add("epoch", 1)
+        self.push()
+
+    def push(self) -> None:
+        """Send every live follower the control epoch and how far items are done."""
+        w = self.w
+        now = (w.epoch, self.done_mark)
+        if now == self.pushed:
+            return
+        self.pushed = now
+        for r in range(1, w.world_size):
+            if r not in self.failed and r not in self.left:
+                w.transport.send_control(r, w.epoch, self.done_mark)
 
     def _input(self, item: int) -> torch.Tensor:
         req, mb = divmod(item, self.w.m)
         if req not in self._req_cache:
             self._req_cache = {req: list(torch.tensor_split(
                 request_input(self.cfg, req, self.w.img_size), self.w.m))}
-        return self._req_cache[req][mb].clone()
+        return self._req_cache[req][mb]
 
     def issue(self) -> None:
+        """Feed items up to the in-flight window. When this rank runs the first unit, it feeds
+        one item at a time (the next once the last has started), so making inputs does not
+        delay the first stage's work."""
         w = self.w
         while self.next_item < w.total and self.next_item - self.done_count() < self.window:
+            if w.owner[0] == w.rank and any(m.unit == 0 for m in w.transport.local):
+                return
             k = self.next_item
             x = self._input(k).to(w.device)
             self.inputs[k] = x
@@ -575,23 +673,20 @@ class _Coordinator:
 
     def publish_done(self) -> None:
         """Tell the ranks how far every item is done (they release sends and evict caches);
-        once per control tick rather than per item, to keep store round trips off the hot path."""
-        if self.done_mark > self.published:
-            self.st.add("done_upto", self.done_mark - self.published)
-            self.published = self.done_mark
+        every ``_PUBLISH_S`` rather than per item."""
+        self.w.mark_done(self.done_mark)
+        self.push()
 
     # -- monitoring and re-planning ---------------------------------------------------------
     def monitor(self) -> None:
-        if self.st.has("abort"):  # a rank failed with an error (not a fault): end the run
-            raise RendezvousError(self.st.s.get(self.st.k("abort")).decode())
+        if self.watcher.abort:  # a rank failed with an error (not a fault): end the run
+            raise RendezvousError(self.watcher.abort)
+        seen = self.watcher.tele
+        self.telemetry.update({r: seen[r] for r in self.active if r in seen})
         now = time.time()
         dead, low = [], []
         for r in self.active:
-            try:
-                hb = float(self.st.s.get(self.st.k("hb", r)).decode())
-                self.telemetry[r] = self.st.get_json("tele", r)
-            except Exception:
-                continue
+            hb = self.telemetry[r]["hb"]
             if now - hb > self.cfg.heartbeat_timeout_s:
                 dead.append((r, now - hb))
                 continue
@@ -685,20 +780,30 @@ class _Coordinator:
             stages=[{"rank": s.rank, "device": s.device, "units": s.units} for s in new_plan.stages]))
         del old_plan
 
+    def duties(self, now: float) -> None:
+        """Publish progress and watch the ranks, when due."""
+        if now >= self.next_publish:
+            self.next_publish = now + _PUBLISH_S
+            self.publish_done()
+        if now >= self.next_monitor:
+            self.next_monitor = now + self.watcher.interval_s
+            self.monitor()
+
     def loop(self) -> None:
+        """Feed, compute, collect; the periodic duties run while this rank waits for a message,
+        or once they are ``_OVERDUE_S`` late on a rank that never waits."""
         w = self.w
         while self.done_count() < w.total:
             self.issue()
+            msg = w.transport.poll()
             now = time.monotonic()
-            if now >= self.next_publish:
-                self.next_publish = now + _CONTROL_INTERVAL_S
-                self.publish_done()
-            if now >= self.next_monitor:
-                self.next_monitor = now + min(self.cfg.heartbeat_interval_s, 0.05)
-                w.read_state()
-                self.monitor()
-            msg = _next_message(w, min(self.next_monitor, self.next_publish))
-            if msg is None or msg.lost:
+            due = min(self.next_publish, self.next_monitor)
+            if now >= due + (0.0 if msg is None else _OVERDUE_S):
+                self.duties(now)
+                due = min(self.next_publish, self.next_monitor)
+            if msg is None:
+                msg = _next_message(w, due)
+            if msg is None or msg.kind != DATA:  # a follower's stream ending is seen by monitor()
                 continue
             if msg.unit == w.n:
                 self.collect(msg)
@@ -756,8 +861,7 @@ def _run_rank(cfg, rank, world_size, st: _Store, host, port, prefix):
             raise RendezvousError(f"rank(s) {missing} did not join within {cfg.join_timeout_s} s "
                                   f"(world_size={world_size})")
         setup = _prepare(cfg, st, world_size)
-        st.add("epoch", 0)  # both exist before any rank reads them (one multi_get per tick)
-        st.add("done_upto", 0)
+        st.add("epoch", 0)  # exists before any rank reads it
         st.set("state", json.dumps({"gen": 0}))
         st.set("setup", json.dumps(setup))
     else:
@@ -789,13 +893,19 @@ def _run_rank(cfg, rank, world_size, st: _Store, host, port, prefix):
             st.set("go", "1")
         else:
             _wait_key(st, ("go",), None)
+        w.cpu0 = _cpu_time()
         if rank == 0:
             co = _Coordinator(w, st)
+            co.watcher = _Watcher(host, port, prefix, world_size,
+                                  min(cfg.heartbeat_interval_s, 0.05))
+            co.watcher.read()
+            co.watcher.start()
             t_start = co.t_start = time.time()
             co.loop()
             wall = time.time() - t_start
             co.bump(stop=True)
             hb.stopped.set()
+            co.watcher.stopped.set()
             w.transport.close()
             return _finish(co, w, st, wall)
         status = _follower_loop(w)

@@ -16,7 +16,11 @@ class RankReport:
     or ``left`` (taken out of the plan, e.g. below E_min). ``energy_label``: ``measured`` or
     ``modelled`` (simulated battery) or ``none``. ``timeline``: ``[item, first_unit, end_unit,
     t_start_s, t_end_s]`` relative to the run start. ``stage_p50_s``/``stage_p95_s``: latency of
-    one stage run (one item) on this rank; ``items_per_s``: items over the run's wall time."""
+    one stage run (one item) on this rank; ``items_per_s``: items over the run's wall time;
+    ``cpu_s``: CPU time of the rank's process (all threads) from the start of the stream to its
+    end (``compute_s`` is wall time in stages, which exceeds CPU time when ranks share cores);
+    ``cpu_slots``/``slot_wait_s``: the host's CPU slots (0: no limit) and the time this rank
+    waited for one (``lapdtr.runtime.slots``)."""
 
     rank: int
     device: str = ""
@@ -29,6 +33,9 @@ class RankReport:
     compute_s: float = 0.0
     comm_s: float = 0.0
     idle_s: float = 0.0
+    cpu_s: float = 0.0
+    cpu_slots: int = 0
+    slot_wait_s: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
     messages_sent: int = 0

@@ -1,24 +1,49 @@
 """Boundary tensors rank to rank by ``torch.distributed`` point-to-point: header, then payload.
 
 A message is two point-to-point sends on the same (source, destination) pair: a fixed-size int64
-header (kind, generation, source rank, item, the unit the receiver starts at, dtype code, shape)
-on a header tag shared by all generations, then the payload on the tag of the sender's plan
-generation. Per pair and tag, gloo delivers in order, so a header is always followed by its own
-payload. Each rank runs one receiver thread per peer rank, blocked in ``recv`` of that peer's
-next header (no polling, no store round trip); it allocates the announced shape and dtype,
-receives the payload and queues the message for the main loop. So shapes and dtypes may change
-per message, nothing is pickled, and no rank ever blocks its main loop on a peer that may have
-died: a dead peer only fails the receiver thread that listens to it (a gloo process group
-survives a dead member for point-to-point traffic between the others).
+header (kind, generation, source rank, item, the unit the receiver starts at, dtype code, payload
+bytes, shape) on ``HEADER_TAG``, then the payload's bytes on ``PAYLOAD_TAG``. Per pair and tag,
+gloo delivers in order, so header ``i`` always goes with payload ``i``. Each rank runs one
+receiver thread per peer rank, blocked in ``wait`` of that peer's next header (no polling, no
+store round trip). So shapes and dtypes may change per message, nothing is pickled, and no rank
+ever blocks its main loop on a peer that may have died: a dead peer only fails the receiver
+thread that listens to it (a gloo process group survives a dead member for point-to-point
+traffic between the others).
 
-Generations. After a re-plan the generation changes. A header names its generation: one from an
-older generation is dropped without posting the receive of its payload (that payload's tag is
-abandoned; the sender never waits on it), one from a newer generation (its sender re-planned
-first) is received and held until this rank moves to that generation. On close, a rank sends a
-``bye`` header to each peer, which ends that peer's receiver thread for it.
+Pre-posted receives. A receive posted after its send costs gloo an extra round trip (the sender
+waits for the receiver's "ready" before it writes the data), so a receiver thread keeps the next
+header's receive *and* the next payload's receive posted. The payload receive is a byte buffer
+of the pair's *capacity*: gloo fills a buffer larger than what was sent, and the header says how
+many bytes are real, so a message of a new shape or dtype needs nothing special as long as it
+fits. Both ends of a pair compute the capacity by the same rule from the same message sizes in
+the same order (``_Capacity``), so they agree without exchanging it:
+
+* a payload larger than the capacity is a *grow*: the sender first sends one byte to fill the
+  posted buffer, then the payload, which the receiver takes into a buffer of exactly its size;
+  the capacity becomes that size;
+* after ``_SHRINK_AFTER`` payloads in a row of at most half the capacity, it shrinks to the
+  largest of them, so one burst of large messages does not pin memory for ever.
+
+The payload is sent from the boundary tensor itself (no copy into a frame: on a CPU rank right
+after a stage, that copy costs more than a second small send). With a backend that cannot
+receive into a larger buffer (NCCL), the capacity stays 0 and the payload's receive is posted
+when its header arrives.
+
+Control messages. ``send_control`` sends a header alone (kind ``control``: the sender's control
+epoch and how far items are done), queued like data but never dropped as stale, so the
+coordinator can wake its followers the moment something changes instead of each of them polling
+the store. When a peer's stream ends without a ``bye`` (the peer died, or the group is gone),
+its receiver thread queues one ``gone`` message for it.
+
+Generations. After a re-plan the generation changes. Every message is received, so every send
+completes; one of an older generation is then dropped, one of a newer generation (its sender
+re-planned first) is held until this rank moves to that generation. On close, a rank sends a
+``bye`` header to each peer (and a byte for its posted payload buffer), which ends that peer's
+receiver thread for it.
 """
 from __future__ import annotations
 
+import array
 import queue
 import threading
 import time
@@ -27,41 +52,78 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-__all__ = ["DTYPE_CODES", "HEADER_TAG", "MAX_DIMS", "Message", "Transport", "BoundaryCache"]
+__all__ = ["DTYPE_CODES", "HEADER_TAG", "PAYLOAD_TAG", "MAX_DIMS", "Message", "Transport",
+           "BoundaryCache", "DATA", "CONTROL", "GONE"]
 
 DTYPE_CODES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
                torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
 _CODE = {d: i for i, d in enumerate(DTYPE_CODES)}
 
-HEADER_TAG = 1 << 30  # headers of every generation; payloads use the generation as their tag
-MAX_DIMS = 9  # header: kind, gen, src, item, unit, dtype code, ndim, shape[MAX_DIMS]
-_HEADER_LEN = 7 + MAX_DIMS
-_DATA, _BYE = 0, 1
+HEADER_TAG = 1 << 30
+PAYLOAD_TAG = HEADER_TAG + 1
+MAX_DIMS = 8  # header: kind, gen, src, item, unit, dtype code, nbytes, ndim, shape[MAX_DIMS]
+_HEADER_LEN = 8 + MAX_DIMS
+_DATA, _BYE, _GROW, _CONTROL = 0, 1, 2, 3
+_SHRINK_AFTER = 16
+_ZEROS = [0] * _HEADER_LEN
+DATA, CONTROL, GONE = "data", "control", "gone"  # Message.kind
 
 
 class Message:
-    __slots__ = ("src", "item", "unit", "tensor", "nbytes", "lost", "gen")
+    """A boundary tensor (``kind`` ``data``): ``item``'s input to ``unit``; a control message
+    (``item`` = the sender's control epoch, ``unit`` = items done below); or ``gone`` (``src``'s
+    stream ended without a goodbye)."""
 
-    def __init__(self, src, item, unit, tensor, nbytes=0, lost=False, gen=0):
+    __slots__ = ("src", "item", "unit", "tensor", "nbytes", "gen", "kind")
+
+    def __init__(self, src, item, unit, tensor, nbytes=0, gen=0, kind=DATA):
         self.src, self.item, self.unit, self.tensor = src, item, unit, tensor
-        self.nbytes, self.lost, self.gen = nbytes, lost, gen
+        self.nbytes, self.gen, self.kind = nbytes, gen, kind
 
 
 def _nbytes(x: torch.Tensor) -> int:
     return x.numel() * x.element_size()
 
 
+class _Capacity:
+    """Payload receive-buffer size of one direction of one pair, in bytes; both ends keep one
+    and update it identically (see the module docstring)."""
+
+    __slots__ = ("cap", "run", "run_max", "enabled")
+
+    def __init__(self, enabled: bool):
+        self.cap, self.run, self.run_max, self.enabled = 0, 0, 0, enabled
+
+    def kind_for(self, nbytes: int) -> int:
+        return _GROW if self.enabled and nbytes > self.cap else _DATA
+
+    def update(self, nbytes: int) -> None:
+        if not self.enabled:
+            return
+        if nbytes > self.cap:  # a grow
+            self.cap, self.run, self.run_max = nbytes, 0, 0
+        elif 2 * nbytes > self.cap:
+            self.run, self.run_max = 0, 0
+        else:
+            self.run += 1
+            self.run_max = max(self.run_max, nbytes)
+            if self.run >= _SHRINK_AFTER:
+                self.cap, self.run, self.run_max = self.run_max, 0, 0
+
+
 def _header(kind: int, gen: int, src: int, item: int = 0, unit: int = 0,
             x: torch.Tensor | None = None) -> torch.Tensor:
-    h = [kind, gen, src, item, unit, 0, 0] + [0] * MAX_DIMS
-    if x is not None:
+    if x is None:
+        h = [kind, gen, src, item, unit]
+    else:
         if x.dtype not in _CODE:
             raise ValueError(f"boundary dtype {x.dtype} cannot be sent; allowed: {DTYPE_CODES}")
         if x.dim() > MAX_DIMS:
             raise ValueError(f"boundary tensor has {x.dim()} dims; at most {MAX_DIMS} allowed")
-        h[5], h[6] = _CODE[x.dtype], x.dim()
-        h[7:7 + x.dim()] = x.shape
-    return torch.tensor(h, dtype=torch.int64)
+        h = [kind, gen, src, item, unit, _CODE[x.dtype], _nbytes(x), x.dim(), *x.shape]
+    h += _ZEROS[:_HEADER_LEN - len(h)]
+    # a tensor over an array's buffer: a third of torch.tensor(list)'s time, on the hot path
+    return torch.frombuffer(array.array("q", h), dtype=torch.int64)
 
 
 class Transport:
@@ -70,27 +132,30 @@ class Transport:
     def __init__(self, store, rank: int, device: torch.device, prefix: str = "", *,
                  world_size: int | None = None, connect=None):
         """``store``, ``prefix`` and ``connect`` are kept for callers of the store-header
-        transport; the data path no longer touches the store. ``world_size`` defaults to the
+        transport; the data path does not touch the store. ``world_size`` defaults to the
         default process group's."""
         self.store, self.rank, self.device, self.prefix = store, rank, device, prefix
         self.world_size = dist.get_world_size() if world_size is None else world_size
+        self.pg = dist.distributed_c10d._get_default_group()
+        adaptive = dist.get_backend() == "gloo"
         self.gen = 0
         self.local: deque[Message] = deque()
         self.ahead: list[Message] = []  # messages of a newer generation than this rank's
         self.works: dict[int, list] = {}
-        self.graveyard: list = []  # sends of abandoned generations: never waited on
+        self.graveyard: list = []  # sends of an old generation, or to a rank that died
         self.bytes_sent = 0
         self.bytes_received = 0
         self.comm_time_s = 0.0  # sending (the receiver threads keep recv_time_s)
         self.recv_time_s = 0.0
         self.messages_sent = 0
         self.messages_received = 0
-        self.recv_errors = 0
         self.send_errors = 0
         self.stale_dropped = 0
+        self.grows = 0
         self.queue: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._lock = threading.Lock()  # counters written by several receiver threads
-        self._receivers = [_Receiver(self, src) for src in range(self.world_size)
+        self._out = {dst: _Capacity(adaptive) for dst in range(self.world_size) if dst != rank}
+        self._receivers = [_Receiver(self, src, adaptive) for src in range(self.world_size)
                            if src != rank]
         for r in self._receivers:
             r.start()
@@ -107,6 +172,19 @@ class Transport:
                 self.local.append(m)
         self.ahead = keep
 
+    def _post(self, dst: int, h: torch.Tensor, x: torch.Tensor | None, kind: int) -> list:
+        """Send a header and its payload; the process group's own ``send`` (``dist.isend``'s
+        argument checks cost ~25 us a call)."""
+        pg = self.pg
+        works = [(pg.send([h], dst, HEADER_TAG), h)]
+        if kind in (_GROW, _BYE) and self._out[dst].cap > 0:  # fill the posted buffer
+            one = torch.zeros(1, dtype=torch.uint8, device=h.device)
+            works.append((pg.send([one], dst, PAYLOAD_TAG), one))
+        if x is not None and x.numel():
+            b = x.reshape(-1).view(torch.uint8)
+            works.append((pg.send([b], dst, PAYLOAD_TAG), b))
+        return works
+
     def close(self, timeout_s: float = 2.0) -> None:
         """Say ``bye`` to every peer (ending its receiver thread for this rank) and wait a
         little for the peers' ``bye``; a dead peer's thread has already ended."""
@@ -115,12 +193,24 @@ class Transport:
                 continue
             h = _header(_BYE, self.gen, self.rank).to(self.device)
             try:
-                self.graveyard.append((dist.isend(h, dst, tag=HEADER_TAG), h))
+                self.graveyard.extend(self._post(dst, h, None, _BYE))
             except RuntimeError:
                 pass
         deadline = time.monotonic() + timeout_s
         for r in self._receivers:
             r.join(max(0.0, deadline - time.monotonic()))
+
+    def send_control(self, dst: int, epoch: int, done: int) -> bool:
+        """Tell ``dst`` the control epoch and that items below ``done`` are complete; ``False``
+        if ``dst`` is gone."""
+        h = _header(_CONTROL, self.gen, self.rank, epoch, done).to(self.device)
+        try:
+            self.graveyard.append((self.pg.send([h], dst, HEADER_TAG), h))
+        except RuntimeError:
+            return False
+        if len(self.graveyard) > 256:  # control headers complete at once; keep the list short
+            self.graveyard = [(w, b) for w, b in self.graveyard if not w.is_completed()]
+        return True
 
     def send(self, dst: int, item: int, unit: int, x: torch.Tensor) -> int:
         """Send ``x`` (the input of ``unit`` for ``item``) to ``dst``; returns bytes sent."""
@@ -129,26 +219,34 @@ class Transport:
             return 0
         t0 = time.perf_counter()
         x = x.contiguous()
-        h = _header(_DATA, self.gen, self.rank, item, unit, x).to(x.device)
+        n = _nbytes(x)
+        cap = self._out[dst]
+        kind = cap.kind_for(n)
+        h = _header(kind, self.gen, self.rank, item, unit, x)
+        if x.device.type != "cpu":
+            h = h.to(x.device)
         try:
-            hw = dist.isend(h, dst, tag=HEADER_TAG)
-            work = dist.isend(x, dst, tag=self.gen)
+            works = self._post(dst, h, x, kind)
         except RuntimeError:  # dst died: the item is cached and resumes after re-planning
             self.send_errors += 1
             self.comm_time_s += time.perf_counter() - t0
             return 0
-        self.works.setdefault(item, []).extend(((hw, h), (work, x)))
-        n = _nbytes(x)
+        cap.update(n)
+        self.grows += kind == _GROW
+        self.works.setdefault(item, []).extend(works)
         self.bytes_sent += n
         self.messages_sent += 1
         self.comm_time_s += time.perf_counter() - t0
         return n
 
     def _accept(self, msg: Message) -> bool:
-        if msg.gen == self.gen:
+        if msg.kind != DATA or msg.gen == self.gen:
             return True
         if msg.gen > self.gen:
             self.ahead.append(msg)
+        else:  # queued before this rank moved on: stale now
+            with self._lock:
+                self.stale_dropped += 1
         return False
 
     def poll(self, timeout_s: float = 0.0) -> Message | None:
@@ -176,42 +274,65 @@ class Transport:
 
 
 class _Receiver(threading.Thread):
-    """Receives the headers and payloads one peer sends to this rank and queues them."""
+    """Receives the headers and payloads one peer sends to this rank and queues them, with the
+    next header's and payload's receives posted (see the module docstring)."""
 
-    def __init__(self, t: Transport, src: int):
+    def __init__(self, t: Transport, src: int, adaptive: bool):
         super().__init__(daemon=True, name=f"lapdtr-recv-{src}")
         self.t, self.src = t, src
+        self.cap = _Capacity(adaptive)
+
+    def _recv(self, nbytes: int, tag: int, dtype=torch.uint8):
+        buf = torch.empty(nbytes // dtype.itemsize, dtype=dtype, device=self.t.device)
+        return self.t.pg.recv([buf], self.src, tag), buf
+
+    def _post_payload(self):
+        return self._recv(self.cap.cap, PAYLOAD_TAG) if self.cap.cap else (None, None)
 
     def run(self) -> None:
-        t, src = self.t, self.src
-        h = torch.empty(_HEADER_LEN, dtype=torch.int64, device=t.device)
+        try:
+            self._run()
+        except Exception:  # the peer died or the group is gone: nothing more from it
+            self.t.queue.put(Message(self.src, 0, 0, None, kind=GONE))
+
+    def _run(self) -> None:
+        t = self.t
+        pw, pbuf = self._post_payload()
         while True:
-            try:
-                dist.recv(h, src, tag=HEADER_TAG)
-            except Exception:  # the peer died or the group is gone: nothing more from it
-                return
-            kind, gen, _, item, unit, code, ndim, *shape = h.tolist()
+            hw, h = self._recv(8 * _HEADER_LEN, HEADER_TAG, torch.int64)
+            hw.wait()
+            kind, gen, _, item, unit, code, n, ndim, *shape = h.tolist()
             if kind == _BYE:
+                if pw is not None:
+                    pw.wait()
                 return
-            if gen < t.gen:  # an abandoned generation: its payload is never received
-                with t._lock:
-                    t.stale_dropped += 1
+            if kind == _CONTROL:
+                t.queue.put(Message(self.src, item, unit, None, kind=CONTROL))
                 continue
             t0 = time.perf_counter()
-            x = torch.empty(shape[:ndim], dtype=DTYPE_CODES[code], device=t.device)
-            try:
-                dist.recv(x, src, tag=gen)
-            except Exception:  # the sender died mid-transfer: resumed after re-planning
-                with t._lock:
-                    t.recv_errors += 1
-                t.queue.put(Message(src, item, unit, None, lost=True, gen=gen))
-                return
-            n = _nbytes(x)
+            if n == 0:
+                raw = torch.empty(0, dtype=torch.uint8, device=t.device)
+            elif kind == _DATA and pw is not None:
+                pw.wait()
+                raw = pbuf[:n] if 2 * n > pbuf.numel() else pbuf[:n].clone()
+            else:  # a grow (the posted buffer gets one byte), or nothing posted (NCCL)
+                if pw is not None:
+                    pw.wait()
+                rw, raw = self._recv(n, PAYLOAD_TAG)
+                rw.wait()
+            x = raw.view(DTYPE_CODES[code]).view(shape[:ndim])
             with t._lock:
                 t.bytes_received += n
                 t.messages_received += 1
                 t.recv_time_s += time.perf_counter() - t0
-            t.queue.put(Message(src, item, unit, x, n, gen=gen))
+                stale = gen < t.gen  # an abandoned generation: received, then dropped
+                t.stale_dropped += stale
+            if not stale:
+                t.queue.put(Message(self.src, item, unit, x, n, gen=gen))
+                time.sleep(0)  # let the main thread take the GIL before the next receives
+            self.cap.update(n)
+            if n:  # the posted payload buffer was used
+                pw, pbuf = self._post_payload()
 
 
 class BoundaryCache:
