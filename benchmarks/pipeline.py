@@ -11,8 +11,8 @@ minute, so one run of each compares drift as much as engines; the medians are re
   * throughput of ``torch.distributed.pipelining`` (``ScheduleGPipe``), same model, same cuts,
     same batch and micro-batches, right after; both engines make each request's synthetic input
     inside the clock on their first rank (lapdtr's coordinator does so per request; GPipe's
-    first rank does so before each ``step``). With more ranks than cores, lapdtr runs with CPU
-    slots (``lapdtr.runtime.slots``, its default); ``--slots-ab`` also runs it without;
+    first rank does so before each ``step``). lapdtr runs with its defaults (fewer items in
+    flight where ranks share cores, ``lapdtr.runtime.placement``);
   * single-request latency (one image in flight) against a *bare pipeline*: the same stages on
     the same ranks joined by blocking ``dist.send``/``dist.recv`` into preallocated buffers of
     known shapes, nothing else (no headers, threads, caches, control plane), i.e. the sum of
@@ -249,8 +249,6 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-requests", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--no-gpipe", action="store_true")
-    ap.add_argument("--slots-ab", action="store_true",
-                    help="where lapdtr uses CPU slots, also run it without (cpu_slots=0)")
     ap.add_argument("--overhead-only", action="store_true",
                     help="only the per-boundary overhead micro-benchmark")
     ap.add_argument("--out", default="runs/bench")
@@ -269,7 +267,7 @@ def main(argv=None) -> int:
                "torch": torch.__version__, "throughput": [], "latency": []}
     print(f"{args.model} {kw}: {n_units} units, batch {args.batch}, {args.requests} batches per "
           f"point, {args.trials} trial(s) each, {os.cpu_count()} CPU cores; medians over trials")
-    print(f"{'p':>2} {'m':>3} {'slots':>5} {'lapdtr img/s':>12} {'bound img/s':>11} "
+    print(f"{'p':>2} {'m':>3} {'win':>3} {'lapdtr img/s':>12} {'bound img/s':>11} "
           f"{'eff':>6} {'bound eff':>9} {'ratio':>6} {'gpipe img/s':>11} {'vs gpipe':>8} "
           f"{'(min-max)':>11}")
     for p in args.ranks:
@@ -279,22 +277,17 @@ def main(argv=None) -> int:
                 continue
             trials = []
             for t in range(args.trials):
-                variants = [None] + ([0] if args.slots_ab else [])
-                tr = {}
-                for slots in variants:
-                    cfg = RunConfig(model=args.model, model_kwargs=kw, world_size=p, cuts=cuts,
-                                    requests=args.requests, batch_size=args.batch,
-                                    micro_batches=m, out=str(out / f"p{p}_m{m}"), plots=False,
-                                    threads_per_rank=args.threads, cpu_slots=slots)
-                    r = run(cfg)
-                    st = stage_times(r)
-                    key = "lapdtr" if slots is None else "lapdtr_no_slots"
-                    # ranks warm up before the clock starts
-                    tr[key] = {"img_s": r.completed * args.batch / r.wall_s, "stage_s": st,
-                               "cpu_s": [k.cpu_s for k in r.ranks],
-                               "cpu_slots": r.ranks[0].cpu_slots,
-                               "slot_wait_s": [k.slot_wait_s for k in r.ranks],
-                               "latency_p50_s": r.latency_p50_s}
+                cfg = RunConfig(model=args.model, model_kwargs=kw, world_size=p, cuts=cuts,
+                                requests=args.requests, batch_size=args.batch, micro_batches=m,
+                                out=str(out / f"p{p}_m{m}"), plots=False,
+                                threads_per_rank=args.threads)
+                r = run(cfg)
+                # ranks warm up before the clock starts
+                tr = {"lapdtr": {"img_s": r.completed * args.batch / r.wall_s,
+                                 "stage_s": stage_times(r), "cpu_s": [k.cpu_s for k in r.ranks],
+                                 "cpus": [k.cpus for k in r.ranks],
+                                 "max_inflight": r.meta["max_inflight"],
+                                 "latency_p50_s": r.latency_p50_s}}
                 if not args.no_gpipe:
                     tr["gpipe_img_s"] = run_gpipe(p, m, args.model, kw, cuts, args.batch,
                                                   args.requests, args.threads)
@@ -307,26 +300,22 @@ def main(argv=None) -> int:
             ideal = mb / max(st)  # images/s with no bubble at the bottleneck stage
             bound_eff = m / (m + p - 1)
             eff = rate / ideal
-            row = {"p": p, "m": m, "cuts": cuts, "cpu_slots": lap[0]["cpu_slots"],
+            row = {"p": p, "m": m, "cuts": cuts, "max_inflight": lap[0]["max_inflight"],
                    "lapdtr_img_s": rate, "stage_s": st, "ideal_img_s": ideal,
                    "bound_efficiency": bound_eff, "efficiency": eff,
                    "ratio_to_bound": eff / bound_eff, "trials": trials}
-            if args.slots_ab and lap[0]["cpu_slots"]:
-                row["lapdtr_no_slots_img_s"] = _median([t["lapdtr_no_slots"]["img_s"]
-                                                        for t in trials])
             vs = [t["vs_gpipe"] for t in trials if "vs_gpipe" in t]
             if vs:
                 row.update(gpipe_img_s=_median([t["gpipe_img_s"] for t in trials]),
                            vs_gpipe=_median(vs), vs_gpipe_min=min(vs), vs_gpipe_max=max(vs))
             results["throughput"].append(row)
-            print(f"{p:>2} {m:>3} {row['cpu_slots']:>5} {rate:>12.1f} {ideal * bound_eff:>11.1f} "
+            print(f"{p:>2} {m:>3} {row['max_inflight']:>3} {rate:>12.1f} "
+                  f"{ideal * bound_eff:>11.1f} "
                   f"{eff:>6.2f} {bound_eff:>9.2f} {eff / bound_eff:>6.2f} "
                   f"{row.get('gpipe_img_s', float('nan')):>11.1f} "
                   f"{row.get('vs_gpipe', float('nan')):>8.2f} "
                   f"{row.get('vs_gpipe_min', float('nan')):>5.2f}-"
-                  f"{row.get('vs_gpipe_max', float('nan')):<5.2f}"
-                  + (f"  (no slots: {row['lapdtr_no_slots_img_s']:.1f} img/s)"
-                     if "lapdtr_no_slots_img_s" in row else ""), flush=True)
+                  f"{row.get('vs_gpipe_max', float('nan')):<5.2f}", flush=True)
 
     # single-request latency: one micro-batch of one image in flight at a time
     print(f"\n{'p':>2} {'lapdtr ms':>9} {'bare ms':>8} {'vs bare':>7} {'compute ms':>10} "

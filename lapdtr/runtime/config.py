@@ -43,9 +43,10 @@ class RunConfig:
     ``cuts``: explicit cut points (unit indices or names), stage ``i`` on rank ``i``; otherwise
     ``plan`` (a ``plan.json``) or, with neither, the planner ``strategy`` on ``devices``.
     ``requests`` requests of ``batch_size`` inputs each, each split into ``micro_batches``.
-    ``cpu_slots`` (pipeline mode on CPU ranks): how many of this host's ranks may run a stage at
-    once (``lapdtr.runtime.slots``); ``None`` picks it from the cores (no limit when the ranks'
-    threads fit on them), ``0`` turns the limit off.
+    ``pin_cpus`` (gloo ranks): pin each rank to its own CPUs (``lapdtr.runtime.placement``).
+    ``max_inflight``: items in flight;
+    ``None`` keeps 2 per stage plus 2 per micro-batch, or one per stage plus 2 when the host's
+    ranks share cores.
     """
 
     model: str = "deit_tiny_patch16_224"
@@ -77,7 +78,7 @@ class RunConfig:
     aggregator: str = "mean"
     ensemble_models: list | None = None
     threads_per_rank: int | None = None
-    cpu_slots: int | None = None
+    pin_cpus: bool = False
     progress: bool = False
     plots: bool = True
 
@@ -104,8 +105,8 @@ class RunConfig:
             _check_int("threads_per_rank", self.threads_per_rank, 1)
         if self.max_inflight is not None:
             _check_int("max_inflight", self.max_inflight, 1)
-        if self.cpu_slots is not None:
-            _check_int("cpu_slots", self.cpu_slots, 0)
+        if not isinstance(self.pin_cpus, bool):
+            raise ValueError(f"pin_cpus: expected true or false, got {self.pin_cpus!r}")
         _check_float("heartbeat_interval_s", self.heartbeat_interval_s, 1e-3)
         _check_float("heartbeat_timeout_s", self.heartbeat_timeout_s, 1e-3)
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:

@@ -24,8 +24,9 @@ round trip every few milliseconds on every rank costs the stages measurable thro
 
 Failures. A gloo process group keeps working for point-to-point traffic between the survivors
 when a member dies (only ops with the dead rank fail), so the runtime keeps one group for the
-whole run and separates the traffic of each plan generation by its tag and header keys; no rank
-ever blocks on a receive that was not announced, so a dead peer cannot hang anyone. The
+whole run and tells the plan generations apart by the generation in every header (a message of
+an older generation is received and dropped, so every send completes); only receiver threads
+block on a peer, so a dead peer cannot hang a rank's main loop. The
 alternatives cost more: a fresh process group per generation needs every survivor to
 rendezvous again, and routing boundaries through the coordinator doubles every transfer. (NCCL
 point-to-point ignores tags and communicators do not survive a member's death, so with the
@@ -36,7 +37,6 @@ with an error saying so.) Detection takes up to
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -53,7 +53,7 @@ from ..profile.types import DeviceProfile
 from .config import RunConfig
 from .report import RankReport, ReplanEvent, RunReport, percentile
 from .stages import RankModel, build_host, check_checkpoint, default_checkpoint_path, write_checkpoint
-from .slots import CpuSlots, auto_slots
+from .placement import Placement, apply_placement, place_rank
 from .transport import CONTROL, DATA, GONE, BoundaryCache, Transport
 
 __all__ = ["run_rank", "build_plan_from_cuts", "check_plan", "request_input", "default_devices",
@@ -327,7 +327,7 @@ class _Worker:
         self.refused = 0
         self.below_since: float | None = None
         self.cpu0 = _cpu_time()
-        self.slots = _make_slots(cfg, rank, world_size, device)
+        self.placement: Placement | None = None
         self._apply_plan(self.plan)
         self._make_meter()
         for i, f in enumerate(cfg.faults):
@@ -427,13 +427,12 @@ class _Worker:
         e = self.end_of[u]
         stage_settings(self.stage_of[u], self.meter.remaining_j() if self.meter else None)
         x = msg.tensor if self.device.type == "cpu" else msg.tensor.to(self.device)
-        with self.slots or _NO_SLOTS:
-            t0 = time.time()
-            c0 = time.perf_counter()
-            y = self.model.run(x, u, e)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            dt = time.perf_counter() - c0
+        t0 = time.time()
+        c0 = time.perf_counter()
+        y = self.model.run(x, u, e)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - c0
         self.report.compute_s += dt
         self.report.items += 1
         self.report.timeline.append([msg.item, u, e, t0 - self.t0, t0 + dt - self.t0])
@@ -482,9 +481,8 @@ class _Worker:
         r = self.report
         r.status = status
         r.cpu_s = _cpu_time() - self.cpu0
-        if self.slots is not None:
-            r.cpu_slots, r.slot_wait_s = self.slots.n, self.slots.wait_s
-            self.slots.close()
+        if self.placement is not None and self.placement.cpus:
+            r.cpus = list(self.placement.cpus)
         r.comm_s = self.transport.comm_time_s + self.transport.recv_time_s
         r.bytes_sent, r.bytes_received = self.transport.bytes_sent, self.transport.bytes_received
         r.messages_sent = self.transport.messages_sent
@@ -503,20 +501,6 @@ class _Worker:
 _PUBLISH_S = 0.05  # how often the coordinator tells followers how far items are done
 _OVERDUE_S = 0.05  # a busy coordinator interrupts its work for duties this late
 _SAFETY_POLL_S = 1.0  # a follower with no message for this long looks at the store itself
-
-
-_NO_SLOTS = contextlib.nullcontext()
-
-
-def _make_slots(cfg: RunConfig, rank: int, world_size: int, device: torch.device):
-    """The CPU slots this rank runs its stages in (``None``: no limit); see ``slots.py``."""
-    if device.type != "cpu":
-        return None
-    n = cfg.cpu_slots
-    if n is None:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        n = auto_slots(local, torch.get_num_threads())
-    return CpuSlots(n, rank) if n else None
 
 
 def _cpu_time() -> float:
@@ -597,7 +581,10 @@ class _Coordinator:
         self.next_item = 0
         self.done_mark = 0
         self.duplicates = 0
-        self.window = cfg.max_inflight or (2 * len(w.plan.stages) + 2 * w.m)
+        over = w.placement is not None and w.placement.oversubscribed
+        # ranks that share cores compete less with fewer items in flight (benchmarks/pipeline.py)
+        self.window = cfg.max_inflight or (len(w.plan.stages) + 2 if over
+                                           else 2 * len(w.plan.stages) + 2 * w.m)
         self.active = sorted({s.rank for s in w.plan.stages} - {0})
         self.failed: dict[int, dict] = {}
         self.left: list[int] = []
@@ -868,9 +855,12 @@ def _run_rank(cfg, rank, world_size, st: _Store, host, port, prefix):
         _wait_key(st, ("setup",), None)
         setup = st.get_json("setup")
     backend = resolve_backend(cfg)
-    if backend == "gloo":
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        torch.set_num_threads(cfg.threads_per_rank or max(1, (os.cpu_count() or 1) // local))
+    placement = None
+    if backend == "gloo":  # before the process group, whose threads inherit the pinning
+        placement = place_rank(int(os.environ.get("LOCAL_RANK", rank)),
+                               int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+                               cfg.threads_per_rank, cfg.pin_cpus)
+        apply_placement(placement)
     dist.init_process_group(backend, store=dist.PrefixStore(prefix + "pg", st.s), rank=rank,
                             world_size=world_size,
                             timeout=datetime.timedelta(seconds=max(60.0, cfg.join_timeout_s)))
@@ -880,6 +870,7 @@ def _run_rank(cfg, rank, world_size, st: _Store, host, port, prefix):
                                         _device_for(backend, rank))
         w = _Worker(cfg, rank, world_size, st, setup, _device_for(backend, rank),
                     lambda: _client(host, port))
+        w.placement = placement
         hb = _Heartbeat(host, port, prefix, rank, cfg.heartbeat_interval_s, w.telemetry)
         hb.beat()
         hb.start()
@@ -977,8 +968,10 @@ def _finish(co: _Coordinator, w: _Worker, st: _Store, wall: float) -> RunReport:
         ranks=ranks, replans=co.replans, plan=w.plan.to_dict(),
         meta={"checkpoint": str(w.model.checkpoint), "img_size": w.img_size,
               "backend": dist.get_backend(), "torch": torch.__version__,
-              "data_path": "gloo/nccl point-to-point: fixed-size int64 header, then payload",
-              "request_done_s": done_s})
+              "data_path": "gloo/nccl point-to-point: int64 header, then payload; receives "
+                           "pre-posted (transport.py)",
+              "request_done_s": done_s, "max_inflight": co.window,
+              "ranks_share_cores": bool(w.placement and w.placement.oversubscribed)})
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.save_outputs:

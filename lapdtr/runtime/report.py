@@ -19,8 +19,7 @@ class RankReport:
     one stage run (one item) on this rank; ``items_per_s``: items over the run's wall time;
     ``cpu_s``: CPU time of the rank's process (all threads) from the start of the stream to its
     end (``compute_s`` is wall time in stages, which exceeds CPU time when ranks share cores);
-    ``cpu_slots``/``slot_wait_s``: the host's CPU slots (0: no limit) and the time this rank
-    waited for one (``lapdtr.runtime.slots``)."""
+    ``cpus``: the CPUs the rank was pinned to (empty: not pinned)."""
 
     rank: int
     device: str = ""
@@ -34,8 +33,7 @@ class RankReport:
     comm_s: float = 0.0
     idle_s: float = 0.0
     cpu_s: float = 0.0
-    cpu_slots: int = 0
-    slot_wait_s: float = 0.0
+    cpus: list[int] = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0
     messages_sent: int = 0
