@@ -873,7 +873,8 @@ def _run_rank(cfg, rank, world_size, st: _Store, host, port, prefix):
         w.placement = placement
         hb = _Heartbeat(host, port, prefix, rank, cfg.heartbeat_interval_s, w.telemetry)
         hb.beat()
-        hb.start()
+        if rank != 0:  # nobody watches the coordinator's heartbeat: it reads its own telemetry
+            hb.start()
         w.warm_up()
         st.set(("ready", rank), "1")
         if rank == 0:
@@ -888,7 +889,7 @@ def _run_rank(cfg, rank, world_size, st: _Store, host, port, prefix):
         if rank == 0:
             co = _Coordinator(w, st)
             co.watcher = _Watcher(host, port, prefix, world_size,
-                                  min(cfg.heartbeat_interval_s, 0.05))
+                                  cfg.heartbeat_interval_s)
             co.watcher.read()
             co.watcher.start()
             t_start = co.t_start = time.time()
