@@ -788,6 +788,9 @@ class _Coordinator:
             if now >= due + (0.0 if msg is None else _OVERDUE_S):
                 self.duties(now)
                 due = min(self.next_publish, self.next_monitor)
+                if msg is not None and msg.gen != w.gen:  # polled before a re-plan: the
+                    w.transport.stale_dropped += 1  # resume already re-sent its item
+                    msg = None
             if msg is None:
                 msg = _next_message(w, due)
             if msg is None or msg.kind != DATA:  # a follower's stream ending is seen by monitor()
@@ -886,27 +889,40 @@ def _run_rank(cfg, rank, world_size, st: _Store, host, port, prefix):
         else:
             _wait_key(st, ("go",), None)
         w.cpu0 = _cpu_time()
-        if rank == 0:
-            co = _Coordinator(w, st)
-            co.watcher = _Watcher(host, port, prefix, world_size,
-                                  cfg.heartbeat_interval_s)
-            co.watcher.read()
-            co.watcher.start()
-            t_start = co.t_start = time.time()
-            co.loop()
-            wall = time.time() - t_start
-            co.bump(stop=True)
-            hb.stopped.set()
-            co.watcher.stopped.set()
+        helpers = [hb]
+        try:
+            if rank == 0:
+                co = _Coordinator(w, st)
+                co.watcher = _Watcher(host, port, prefix, world_size, cfg.heartbeat_interval_s)
+                helpers.append(co.watcher)
+                co.watcher.read()
+                co.watcher.start()
+                t_start = co.t_start = time.time()
+                co.loop()
+                wall = time.time() - t_start
+                co.bump(stop=True)
+                _stop(helpers)
+                w.transport.close()
+                return _finish(co, w, st, wall)
+            status = _follower_loop(w)
+            _stop(helpers)
             w.transport.close()
-            return _finish(co, w, st, wall)
-        status = _follower_loop(w)
-        hb.stopped.set()
-        w.transport.close()
-        st.set(("report", rank), json.dumps(w.finish_report(status).__dict__))
-        return None
+            st.set(("report", rank), json.dumps(w.finish_report(status).__dict__))
+            return None
+        finally:
+            _stop(helpers)
     finally:
         dist.destroy_process_group()
+
+
+def _stop(threads) -> None:
+    """Stop and join the store helper threads: one still inside a store call when the process
+    exits would abort it ("terminate called without an active exception")."""
+    for t in threads:
+        t.stopped.set()
+    for t in threads:
+        if t.is_alive():
+            t.join(5.0)
 
 
 def _wait_all(st: _Store, key: str, world_size: int, timeout_s: float) -> bool:
