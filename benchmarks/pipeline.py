@@ -92,23 +92,27 @@ def run_gpipe(p, m, model_name, kw, cuts, batch, requests, threads) -> float:
     return requests * batch / wall
 
 
+def _gloo_pingpong(x, rank, reps, warm):
+    """Seconds of one one-way trip of ``x`` between ranks 0 and 1 (plain send/recv)."""
+    for i in range(reps + warm):
+        if i == warm:
+            t0 = time.perf_counter()
+        if rank == 0:
+            dist.send(x, 1)
+            dist.recv(x, 1)
+        else:
+            dist.recv(x, 0)
+            dist.send(x, 0)
+    return (time.perf_counter() - t0) / reps / 2
+
+
 def _pingpong_worker(rank, sizes, reps, port, out_file):
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False)
     dist.init_process_group("gloo", store=dist.PrefixStore("pp", store), rank=rank, world_size=2)
     res = {}
     for n in sizes:
-        x = torch.zeros(max(1, n // 4))
-        for i in range(reps + 2):
-            if i == 2:
-                t0 = time.perf_counter()
-            if rank == 0:
-                dist.send(x, 1)
-                dist.recv(x, 1)
-            else:
-                dist.recv(x, 0)
-                dist.send(x, 0)
-        res[str(n)] = (time.perf_counter() - t0) / reps / 2  # one way
+        res[str(n)] = _gloo_pingpong(torch.zeros(max(1, n // 4)), rank, reps, 2)
     if rank == 0:
         Path(out_file).write_text(json.dumps(res))
     dist.destroy_process_group()
@@ -124,15 +128,13 @@ def transfer_times(sizes, reps=20) -> dict[int, float]:
     return res
 
 
-def _overhead_worker(rank, reps, port, prefix, out_file):
-    from lapdtr.runtime.pipeline import _client
+def _overhead_worker(rank, reps, port, out_file):
     from lapdtr.runtime.transport import Transport
 
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False)
     dist.init_process_group("gloo", store=dist.PrefixStore("ov", store), rank=rank, world_size=2)
-    tr = Transport(store, rank, torch.device("cpu"), prefix,
-                   connect=lambda: _client("127.0.0.1", port))
+    tr = Transport(rank, torch.device("cpu"))
     x = torch.zeros(8)
 
     def recv():
@@ -140,25 +142,17 @@ def _overhead_worker(rank, reps, port, prefix, out_file):
             pass
         return msg
 
-    res = {}
-    for mode in ("gloo", "lapdtr"):
-        for i in range(reps + 5):
-            if i == 5:
-                t0 = time.perf_counter()
-            if mode == "gloo":
-                if rank == 0:
-                    dist.send(x, 1)
-                    dist.recv(x, 1)
-                else:
-                    dist.recv(x, 0)
-                    dist.send(x, 0)
-            elif rank == 0:
-                tr.send(1, i, 0, x)
-                recv()
-            else:
-                recv()
-                tr.send(0, i, 0, x)
-        res[mode] = (time.perf_counter() - t0) / reps / 2
+    res = {"gloo": _gloo_pingpong(x, rank, reps, 5)}
+    for i in range(reps + 5):
+        if i == 5:
+            t0 = time.perf_counter()
+        if rank == 0:
+            tr.send(1, i, 0, x)
+            recv()
+        else:
+            recv()
+            tr.send(0, i, 0, x)
+    res["lapdtr"] = (time.perf_counter() - t0) / reps / 2
     tr.close()
     if rank == 0:
         Path(out_file).write_text(json.dumps(res))
@@ -171,7 +165,7 @@ def boundary_overhead_us(reps=300) -> dict:
     overhead."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     out = Path(f"/tmp/lapdtr-ov-{os.getpid()}.json")
-    mp.start_processes(_overhead_worker, args=(reps, store.port, "ov/", str(out)), nprocs=2,
+    mp.start_processes(_overhead_worker, args=(reps, store.port, str(out)), nprocs=2,
                        start_method="spawn")
     res = json.loads(out.read_text())
     out.unlink()

@@ -193,6 +193,7 @@ class _Watcher(threading.Thread):
         self.ranks, self.interval_s = list(range(1, world_size)), interval_s
         self.tele: dict[int, dict] = {}
         self.abort: str | None = None
+        self.error: str | None = None
         self.stopped = threading.Event()
 
     def read(self) -> None:
@@ -207,7 +208,8 @@ class _Watcher(threading.Thread):
         while not self.stopped.wait(self.interval_s):
             try:
                 self.read()
-            except Exception:  # the store is gone: the run is over
+            except Exception as e:  # the coordinator's monitor() raises it
+                self.error = f"{type(e).__name__}: {e}"
                 return
 
 
@@ -302,7 +304,7 @@ class _Worker:
     """State of one rank during a pipeline run."""
 
     def __init__(self, cfg: RunConfig, rank: int, world_size: int, st: _Store, setup: dict,
-                 device: torch.device, connect):
+                 device: torch.device, placement: Placement | None = None):
         self.cfg, self.rank, self.world_size, self.st = cfg, rank, world_size, st
         self.device = device
         self.img_size = setup["img_size"]
@@ -314,7 +316,7 @@ class _Worker:
         self.n = self.model.num_units
         self.m = cfg.micro_batches
         self.total = cfg.requests * self.m
-        self.transport = Transport(st.s, rank, device, st.p, connect=connect)
+        self.transport = Transport(rank, device)
         self.cache = BoundaryCache(cfg.cache_budget_bytes, cfg.spill_dir, tag=f"rank{rank}")
         self.gen = 0
         self.epoch = 0
@@ -327,7 +329,7 @@ class _Worker:
         self.refused = 0
         self.below_since: float | None = None
         self.cpu0 = _cpu_time()
-        self.placement: Placement | None = None
+        self.placement = placement
         self._apply_plan(self.plan)
         self._make_meter()
         for i, f in enumerate(cfg.faults):
@@ -535,7 +537,7 @@ def _follower_loop(w: _Worker) -> str:
             state = w.st.get_json("state")
             if not (state.get("stop") or state.get("abort")):
                 raise RendezvousError("rank 0 (the coordinator) is gone: its stream to rank "
-                                      f"{w.rank} ended without a goodbye")
+                                      f"{w.rank} ended without a goodbye ({msg.error})")
         if state is None:
             continue
         if state.get("abort"):
@@ -668,6 +670,9 @@ class _Coordinator:
     def monitor(self) -> None:
         if self.watcher.abort:  # a rank failed with an error (not a fault): end the run
             raise RendezvousError(self.watcher.abort)
+        if self.watcher.error:  # stale telemetry would read as every rank dying
+            raise RuntimeError(f"rank 0 cannot read the ranks' telemetry from the store: "
+                               f"{self.watcher.error}")
         seen = self.watcher.tele
         self.telemetry.update({r: seen[r] for r in self.active if r in seen})
         now = time.time()
@@ -789,7 +794,7 @@ class _Coordinator:
                 self.duties(now)
                 due = min(self.next_publish, self.next_monitor)
                 if msg is not None and msg.gen != w.gen:  # polled before a re-plan: the
-                    w.transport.stale_dropped += 1  # resume already re-sent its item
+                    w.transport.drop_stale()  # resume already re-sent its item
                     msg = None
             if msg is None:
                 msg = _next_message(w, due)
@@ -871,9 +876,7 @@ def _run_rank(cfg, rank, world_size, st: _Store, host, port, prefix):
         if cfg.mode != "pipeline":
             return _run_collective_rank(cfg, rank, world_size, st, setup,
                                         _device_for(backend, rank))
-        w = _Worker(cfg, rank, world_size, st, setup, _device_for(backend, rank),
-                    lambda: _client(host, port))
-        w.placement = placement
+        w = _Worker(cfg, rank, world_size, st, setup, _device_for(backend, rank), placement)
         hb = _Heartbeat(host, port, prefix, rank, cfg.heartbeat_interval_s, w.telemetry)
         hb.beat()
         if rank != 0:  # nobody watches the coordinator's heartbeat: it reads its own telemetry

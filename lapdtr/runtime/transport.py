@@ -72,13 +72,13 @@ DATA, CONTROL, GONE = "data", "control", "gone"  # Message.kind
 class Message:
     """A boundary tensor (``kind`` ``data``): ``item``'s input to ``unit``; a control message
     (``item`` = the sender's control epoch, ``unit`` = items done below); or ``gone`` (``src``'s
-    stream ended without a goodbye)."""
+    stream ended without a goodbye; ``error`` says how)."""
 
-    __slots__ = ("src", "item", "unit", "tensor", "nbytes", "gen", "kind")
+    __slots__ = ("src", "item", "unit", "tensor", "nbytes", "gen", "kind", "error")
 
-    def __init__(self, src, item, unit, tensor, nbytes=0, gen=0, kind=DATA):
+    def __init__(self, src, item, unit, tensor, nbytes=0, gen=0, kind=DATA, error=""):
         self.src, self.item, self.unit, self.tensor = src, item, unit, tensor
-        self.nbytes, self.gen, self.kind = nbytes, gen, kind
+        self.nbytes, self.gen, self.kind, self.error = nbytes, gen, kind, error
 
 
 def _nbytes(x: torch.Tensor) -> int:
@@ -129,12 +129,9 @@ def _header(kind: int, gen: int, src: int, item: int = 0, unit: int = 0,
 class Transport:
     """Send and receive boundary tensors of generation ``gen`` (see the module docstring)."""
 
-    def __init__(self, store, rank: int, device: torch.device, prefix: str = "", *,
-                 world_size: int | None = None, connect=None):
-        """``store``, ``prefix`` and ``connect`` are kept for callers of the store-header
-        transport; the data path does not touch the store. ``world_size`` defaults to the
-        default process group's."""
-        self.store, self.rank, self.device, self.prefix = store, rank, device, prefix
+    def __init__(self, rank: int, device: torch.device, *, world_size: int | None = None):
+        """``world_size`` defaults to the default process group's."""
+        self.rank, self.device = rank, device
         self.world_size = dist.get_world_size() if world_size is None else world_size
         self.pg = dist.distributed_c10d._get_default_group()
         adaptive = dist.get_backend() == "gloo"
@@ -245,9 +242,13 @@ class Transport:
         if msg.gen > self.gen:
             self.ahead.append(msg)
         else:  # queued before this rank moved on: stale now
-            with self._lock:
-                self.stale_dropped += 1
+            self.drop_stale()
         return False
+
+    def drop_stale(self) -> None:
+        """Count a message of an older generation that this rank drops."""
+        with self._lock:
+            self.stale_dropped += 1
 
     def poll(self, timeout_s: float = 0.0) -> Message | None:
         """The next message for this rank, waiting up to ``timeout_s``; ``None`` if none came."""
@@ -292,8 +293,9 @@ class _Receiver(threading.Thread):
     def run(self) -> None:
         try:
             self._run()
-        except Exception:  # the peer died or the group is gone: nothing more from it
-            self.t.queue.put(Message(self.src, 0, 0, None, kind=GONE))
+        except Exception as e:  # the peer died or the group is gone: nothing more from it
+            self.t.queue.put(Message(self.src, 0, 0, None, kind=GONE,
+                                     error=f"{type(e).__name__}: {e}"))
 
     def _run(self) -> None:
         t = self.t

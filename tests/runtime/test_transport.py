@@ -13,6 +13,12 @@ from runtime_helpers import init_gloo, spawn
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 
 
+def _done(out, rank):
+    """Mark that ``rank`` got through every assertion (a failed one ends its process)."""
+    with open(f"{out}/{rank}", "w") as f:
+        f.write("ok")
+
+
 def _tensors():
     """What rank 0 sends, in order: new shapes and dtypes, larger (grow) and smaller (fits),
     empty, scalar, 8-dim, then a run of small ones long enough for the capacity to shrink."""
@@ -34,7 +40,7 @@ def _tensors():
 
 def _transport_worker(rank, world_size, port, out):
     init_gloo(rank, world_size, port)
-    tr = T.Transport(None, rank, torch.device("cpu"))
+    tr = T.Transport(rank, torch.device("cpu"))
     xs = _tensors()
     if rank == 0:
         for i, x in enumerate(xs):
@@ -71,8 +77,7 @@ def _transport_worker(rank, world_size, port, out):
         assert recv.cap.cap == tr_cap_after(xs) == 4 * 197 * 192 * 4
         tr.send(0, 1, 0, torch.full((3,), 1.0))
     tr.close()
-    with open(f"{out}/{rank}", "w") as f:
-        f.write("ok")
+    _done(out, rank)
 
 
 def tr_cap_after(xs):
@@ -90,7 +95,7 @@ def test_shapes_dtypes_generations_control(tmp_path):
 
 def _stale_worker(rank, world_size, port, out):
     init_gloo(rank, world_size, port)
-    tr = T.Transport(None, rank, torch.device("cpu"))
+    tr = T.Transport(rank, torch.device("cpu"))
     if rank == 1:
         tr.set_generation(3)  # rank 0 is still at generation 0: its messages are stale here
         m = tr.poll(timeout_s=30.0)
@@ -104,8 +109,7 @@ def _stale_worker(rank, world_size, port, out):
         for work, _ in tr.graveyard:  # every send completes: stale ones are received, dropped
             work.wait()
     tr.close()
-    with open(f"{out}/{rank}", "w") as f:
-        f.write("ok")
+    _done(out, rank)
 
 
 def test_stale_generation_is_received_and_dropped(tmp_path):
@@ -115,7 +119,7 @@ def test_stale_generation_is_received_and_dropped(tmp_path):
 
 def _gone_worker(rank, world_size, port, out):
     init_gloo(rank, world_size, port)
-    tr = T.Transport(None, rank, torch.device("cpu"))
+    tr = T.Transport(rank, torch.device("cpu"))
     if rank == 1:
         tr.send(0, 0, 0, torch.ones(3))
         tr.release([0])
@@ -123,9 +127,8 @@ def _gone_worker(rank, world_size, port, out):
     m = tr.poll(timeout_s=30.0)
     assert m.kind == T.DATA and torch.equal(m.tensor, torch.ones(3))
     g = tr.poll(timeout_s=30.0)
-    assert g is not None and (g.kind, g.src) == (T.GONE, 1)
-    with open(f"{out}/{rank}", "w") as f:
-        f.write("ok")
+    assert g is not None and (g.kind, g.src) == (T.GONE, 1) and g.error
+    _done(out, rank)
     os._exit(0)  # the group cannot be torn down with a dead member
 
 
