@@ -69,6 +69,7 @@ def _gpipe_worker(rank, p, m, model_name, kw, cuts, batch, requests, port, out_f
             if r == 1:
                 dist.barrier()
                 t0 = time.perf_counter()
+                c0 = os.times()
             if rank == 0:
                 # the request is made inside the clock, as lapdtr's coordinator makes it
                 sched.step(request_input(cfg, r, 224))
@@ -76,20 +77,24 @@ def _gpipe_worker(rank, p, m, model_name, kw, cuts, batch, requests, port, out_f
                 sched.step()
     dist.barrier()
     wall = time.perf_counter() - t0
+    c1 = os.times()
+    cpu = [None] * p
+    dist.all_gather_object(cpu, c1.user + c1.system - c0.user - c0.system)
     if rank == 0:
-        Path(out_file).write_text(json.dumps({"wall_s": wall}))
+        Path(out_file).write_text(json.dumps({"wall_s": wall, "cpu_s": cpu}))
     dist.destroy_process_group()
 
 
-def run_gpipe(p, m, model_name, kw, cuts, batch, requests, threads) -> float:
+def run_gpipe(p, m, model_name, kw, cuts, batch, requests, threads) -> dict:
+    """ScheduleGPipe's images/s (``img_s``) and each rank's CPU seconds (``cpu_s``)."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     out = Path(f"/tmp/lapdtr-gpipe-{os.getpid()}.json")
     mp.start_processes(_gpipe_worker, args=(p, m, model_name, kw, cuts, batch, requests,
                                             store.port, str(out), threads),
                        nprocs=p, start_method="spawn")
-    wall = json.loads(out.read_text())["wall_s"]
+    res = json.loads(out.read_text())
     out.unlink()
-    return requests * batch / wall
+    return {"img_s": requests * batch / res["wall_s"], "cpu_s": res["cpu_s"]}
 
 
 def _gloo_pingpong(x, rank, reps, warm):
@@ -152,6 +157,7 @@ def _overhead_worker(rank, reps, port, out_file):
         else:
             recv()
             tr.send(0, i, 0, x)
+        tr.release([i])  # the reply says the item is done, as the coordinator would
     res["lapdtr"] = (time.perf_counter() - t0) / reps / 2
     tr.close()
     if rank == 0:
@@ -161,8 +167,8 @@ def _overhead_worker(rank, reps, port, out_file):
 
 def boundary_overhead_us(reps=300) -> dict:
     """One-way time of a tiny boundary message: plain gloo send/recv vs lapdtr's transport
-    (header + payload, pre-posted receives, receiver thread); the difference is lapdtr's
-    overhead."""
+    (header and payload in one frame, pre-posted receives, receiver thread); the difference is
+    lapdtr's overhead."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     out = Path(f"/tmp/lapdtr-ov-{os.getpid()}.json")
     mp.start_processes(_overhead_worker, args=(reps, store.port, str(out)), nprocs=2,
@@ -283,8 +289,9 @@ def main(argv=None) -> int:
                                  "max_inflight": r.meta["max_inflight"],
                                  "latency_p50_s": r.latency_p50_s}}
                 if not args.no_gpipe:
-                    tr["gpipe_img_s"] = run_gpipe(p, m, args.model, kw, cuts, args.batch,
-                                                  args.requests, args.threads)
+                    g = run_gpipe(p, m, args.model, kw, cuts, args.batch, args.requests,
+                                  args.threads)
+                    tr["gpipe_img_s"], tr["gpipe_cpu_s"] = g["img_s"], g["cpu_s"]
                     tr["vs_gpipe"] = tr["lapdtr"]["img_s"] / tr["gpipe_img_s"]
                 trials.append(tr)
             lap = [t["lapdtr"] for t in trials]

@@ -144,6 +144,45 @@ def test_dead_peer_gives_a_gone_message(tmp_path):
     assert os.listdir(tmp_path) == ["0"]
 
 
+def _reuse_worker(rank, world_size, port, out):
+    init_gloo(rank, world_size, port)
+    tr = T.Transport(rank, torch.device("cpu"))
+    n = 40
+    if rank == 0:
+        for i in range(n):
+            tr.send(1, i, 0, torch.full((1, 197, 192), float(i)))
+            time.sleep(0.002)
+        tr.release(range(n))
+    else:
+        for i in range(n):
+            m = tr.poll(timeout_s=30.0)
+            assert m.item == i and torch.equal(m.tensor, torch.full((1, 197, 192), float(i)))
+            if i == 5:
+                kept = m.tensor  # a consumer keeps this payload: its buffer must not be reused
+            del m
+        assert torch.equal(kept, torch.full((1, 197, 192), 5.0))
+        # payload buffers come back once their consumer dropped the payload: a handful of
+        # buffers for 40 messages, not one each
+        assert tr._receivers[0].made <= 5, tr._receivers[0].made
+    tr.close()
+    _done(out, rank)
+
+
+def test_receive_buffers_are_reused(tmp_path):
+    spawn(_reuse_worker, 2, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["0", "1"]
+
+
+def test_a_buffer_is_unshared_only_without_views():
+    b = torch.empty(432, dtype=torch.uint8)
+    assert T._unshared(b)
+    x = b[32:].view(torch.float32).view(10, 10)
+    assert not T._unshared(b)
+    y = x.clone()
+    del x
+    assert T._unshared(b) and y.shape == (10, 10)
+
+
 def test_capacity_rule_grows_fits_and_shrinks():
     c = T._Capacity(True)
     assert c.cap == 0 and c.kind_for(1) == T._GROW
