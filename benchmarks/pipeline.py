@@ -24,6 +24,10 @@ minute, so one run of each compares drift as much as engines; the medians are re
     python benchmarks/pipeline.py                   # full grid, writes runs/bench/pipeline.json
     python benchmarks/pipeline.py --ranks 2 3 --micro-batches 1 4 --requests 4 --trials 1
 
+Every engine's ranks run with the same allocator settings: lapdtr's default ``tune_malloc``
+(freed memory kept for reuse, ``lapdtr.runtime.placement``), which the GPipe and bare baselines
+apply too; ``--malloc default`` runs all of them with glibc's own settings instead.
+
 Numbers depend on the machine and its load: on a machine with fewer cores than ranks, stages
 share cores, so compare the ratios, not the absolute rates.
 """
@@ -45,15 +49,19 @@ import torch.multiprocessing as mp
 import lapdtr
 from lapdtr.runtime import RunConfig, run
 from lapdtr.runtime.pipeline import request_input
+from lapdtr.runtime.placement import tune_malloc
 
 
 def even_cuts(num_units: int, p: int) -> list[int]:
     return [round(num_units * i / p) for i in range(1, p)]
 
 
-def _gpipe_worker(rank, p, m, model_name, kw, cuts, batch, requests, port, out_file, threads):
+def _gpipe_worker(rank, p, m, model_name, kw, cuts, batch, requests, port, out_file, threads,
+                  malloc):
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
+    if malloc:  # the allocator settings lapdtr's ranks run with
+        tune_malloc()
     torch.set_num_threads(threads)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False)
     dist.init_process_group("gloo", store=dist.PrefixStore("gpipe", store), rank=rank,
@@ -85,12 +93,12 @@ def _gpipe_worker(rank, p, m, model_name, kw, cuts, batch, requests, port, out_f
     dist.destroy_process_group()
 
 
-def run_gpipe(p, m, model_name, kw, cuts, batch, requests, threads) -> dict:
+def run_gpipe(p, m, model_name, kw, cuts, batch, requests, threads, malloc=True) -> dict:
     """ScheduleGPipe's images/s (``img_s``) and each rank's CPU seconds (``cpu_s``)."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     out = Path(f"/tmp/lapdtr-gpipe-{os.getpid()}.json")
     mp.start_processes(_gpipe_worker, args=(p, m, model_name, kw, cuts, batch, requests,
-                                            store.port, str(out), threads),
+                                            store.port, str(out), threads, malloc),
                        nprocs=p, start_method="spawn")
     res = json.loads(out.read_text())
     out.unlink()
@@ -179,8 +187,10 @@ def boundary_overhead_us(reps=300) -> dict:
             "overhead_us": (res["lapdtr"] - res["gloo"]) * 1e6}
 
 
-def _bare_worker(rank, p, model_name, kw, cuts, requests, port, out_file, threads, img):
+def _bare_worker(rank, p, model_name, kw, cuts, requests, port, out_file, threads, img, malloc):
     """The bare pipeline: stage ``rank`` between blocking gloo send/recv of known shapes."""
+    if malloc:
+        tune_malloc()
     torch.set_num_threads(threads)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False)
     dist.init_process_group("gloo", store=dist.PrefixStore("bare", store), rank=rank,
@@ -215,11 +225,11 @@ def _bare_worker(rank, p, model_name, kw, cuts, requests, port, out_file, thread
     dist.destroy_process_group()
 
 
-def run_bare(p, model_name, kw, cuts, requests, threads, img) -> list[float]:
+def run_bare(p, model_name, kw, cuts, requests, threads, img, malloc=True) -> list[float]:
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     out = Path(f"/tmp/lapdtr-bare-{os.getpid()}.json")
     mp.start_processes(_bare_worker, args=(p, model_name, kw, cuts, requests, store.port,
-                                           str(out), threads, img),
+                                           str(out), threads, img, malloc),
                        nprocs=p, start_method="spawn")
     lat = json.loads(out.read_text())["latency_s"]
     out.unlink()
@@ -249,6 +259,9 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-requests", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--no-gpipe", action="store_true")
+    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                    help="allocator settings of every engine's ranks: lapdtr's default "
+                         "(tune_malloc), or glibc's own")
     ap.add_argument("--overhead-only", action="store_true",
                     help="only the per-boundary overhead micro-benchmark")
     ap.add_argument("--out", default="runs/bench")
@@ -259,14 +272,17 @@ def main(argv=None) -> int:
         print(json.dumps(boundary_overhead_us(), indent=2))
         return 0
     kw = {"depth": args.depth} if "deit" in args.model or "vit" in args.model else {}
+    malloc = args.malloc == "tuned"
     units = lapdtr.units(lapdtr.create_model(args.model, **kw))
     n_units = len(units)
     results = {"model": args.model, "model_kwargs": kw, "batch": args.batch,
                "requests": args.requests, "trials": args.trials,
                "threads_per_rank": args.threads, "cpu_count": os.cpu_count(),
+               "malloc": args.malloc,
                "torch": torch.__version__, "throughput": [], "latency": []}
     print(f"{args.model} {kw}: {n_units} units, batch {args.batch}, {args.requests} batches per "
-          f"point, {args.trials} trial(s) each, {os.cpu_count()} CPU cores; medians over trials")
+          f"point, {args.trials} trial(s) each, {os.cpu_count()} CPU cores, malloc {args.malloc} "
+          "(every engine); medians over trials")
     print(f"{'p':>2} {'m':>3} {'win':>3} {'lapdtr img/s':>12} {'bound img/s':>11} "
           f"{'eff':>6} {'bound eff':>9} {'ratio':>6} {'gpipe img/s':>11} {'vs gpipe':>8} "
           f"{'(min-max)':>11}")
@@ -280,7 +296,7 @@ def main(argv=None) -> int:
                 cfg = RunConfig(model=args.model, model_kwargs=kw, world_size=p, cuts=cuts,
                                 requests=args.requests, batch_size=args.batch, micro_batches=m,
                                 out=str(out / f"p{p}_m{m}"), plots=False,
-                                threads_per_rank=args.threads)
+                                threads_per_rank=args.threads, tune_malloc=malloc)
                 r = run(cfg)
                 # ranks warm up before the clock starts
                 tr = {"lapdtr": {"img_s": r.completed * args.batch / r.wall_s,
@@ -290,7 +306,7 @@ def main(argv=None) -> int:
                                  "latency_p50_s": r.latency_p50_s}}
                 if not args.no_gpipe:
                     g = run_gpipe(p, m, args.model, kw, cuts, args.batch, args.requests,
-                                  args.threads)
+                                  args.threads, malloc)
                     tr["gpipe_img_s"], tr["gpipe_cpu_s"] = g["img_s"], g["cpu_s"]
                     tr["vs_gpipe"] = tr["lapdtr"]["img_s"] / tr["gpipe_img_s"]
                 trials.append(tr)
@@ -329,12 +345,12 @@ def main(argv=None) -> int:
             cfg = RunConfig(model=args.model, model_kwargs=kw, world_size=p, cuts=cuts,
                             requests=args.latency_requests, batch_size=1, micro_batches=1,
                             max_inflight=1, out=str(out / f"lat_p{p}"), plots=False,
-                            threads_per_rank=args.threads)
+                            threads_per_rank=args.threads, tune_malloc=malloc)
             r = run(cfg)
             lat_l.append(r.latency_p50_s)
             comp.append(sum(stage_times(r)))
             lat_b.append(_median(run_bare(p, args.model, kw, cuts, args.latency_requests,
-                                          args.threads, img)))
+                                          args.threads, img, malloc)))
         lat, bare, compute = _median(lat_l), _median(lat_b), _median(comp)
         sizes = [4 * 3 * img * img] + [int(torch.tensor(units[c - 1].out_shape).prod()) * 4
                                         for c in cuts] + [int(torch.tensor(units[-1].out_shape).prod()) * 4]

@@ -44,6 +44,8 @@ class RunConfig:
     ``plan`` (a ``plan.json``) or, with neither, the planner ``strategy`` on ``devices``.
     ``requests`` requests of ``batch_size`` inputs each, each split into ``micro_batches``.
     ``pin_cpus`` (gloo ranks): pin each rank to its own CPUs (``lapdtr.runtime.placement``).
+    ``tune_malloc``: each rank keeps freed memory for reuse instead of faulting it in again
+    (glibc; ``lapdtr.runtime.placement.tune_malloc``).
     ``max_inflight``: items in flight;
     ``None`` keeps 2 per stage plus 2 per micro-batch, or one per stage plus 2 when the host's
     ranks share cores.
@@ -79,6 +81,7 @@ class RunConfig:
     ensemble_models: list | None = None
     threads_per_rank: int | None = None
     pin_cpus: bool = False
+    tune_malloc: bool = True
     progress: bool = False
     plots: bool = True
 
@@ -105,8 +108,9 @@ class RunConfig:
             _check_int("threads_per_rank", self.threads_per_rank, 1)
         if self.max_inflight is not None:
             _check_int("max_inflight", self.max_inflight, 1)
-        if not isinstance(self.pin_cpus, bool):
-            raise ValueError(f"pin_cpus: expected true or false, got {self.pin_cpus!r}")
+        for key in ("pin_cpus", "tune_malloc"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key}: expected true or false, got {getattr(self, key)!r}")
         _check_float("heartbeat_interval_s", self.heartbeat_interval_s, 1e-3)
         _check_float("heartbeat_timeout_s", self.heartbeat_timeout_s, 1e-3)
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:

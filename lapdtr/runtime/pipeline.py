@@ -53,7 +53,7 @@ from ..profile.types import DeviceProfile
 from .config import RunConfig
 from .report import RankReport, ReplanEvent, RunReport, percentile
 from .stages import RankModel, build_host, check_checkpoint, default_checkpoint_path, write_checkpoint
-from .placement import Placement, apply_placement, place_rank
+from .placement import Placement, apply_placement, place_rank, tune_malloc
 from .transport import CONTROL, DATA, GONE, BoundaryCache, Transport
 
 __all__ = ["run_rank", "build_plan_from_cuts", "check_plan", "request_input", "default_devices",
@@ -576,7 +576,6 @@ class _Coordinator:
     def __init__(self, w: _Worker, st: _Store):
         self.w, self.st, self.cfg = w, st, w.cfg
         cfg = w.cfg
-        self.inputs: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.issue_time: dict[int, float] = {}
         self.done_time: dict[int, float] = {}
@@ -638,7 +637,6 @@ class _Coordinator:
                 return
             k = self.next_item
             x = self._input(k).to(w.device)
-            self.inputs[k] = x
             self.issue_time[k] = time.time()
             w.transport.send(w.owner[0], k, 0, x)
             self.next_item += 1
@@ -653,7 +651,6 @@ class _Coordinator:
             return
         self.outputs[k] = msg.tensor.cpu()
         self.done_time[k] = time.time()
-        self.inputs.pop(k, None)
         req = k // self.w.m
         if self.bar is not None and all((req * self.w.m + b) in self.outputs for b in range(self.w.m)):
             self.bar.update(1)
@@ -762,7 +759,8 @@ class _Coordinator:
         self.st.set(("g", gen, "resume"), json.dumps(resume))
         for k, u in resume.get("0", []):
             if u == 0:
-                w.transport.send(w.owner[0], k, 0, self.inputs[k])
+                # inputs are not kept: request_input makes the same tensor again
+                w.transport.send(w.owner[0], k, 0, self._input(k).to(w.device))
             else:
                 w.resume([[k, u]])
         self.replans.append(ReplanEvent(
@@ -849,6 +847,7 @@ def run_rank(cfg: RunConfig, rank: int, world_size: int, host: str, port: int,
 
 
 def _run_rank(cfg, rank, world_size, st: _Store, host, port, prefix):
+    malloc_tuned = tune_malloc() if cfg.tune_malloc else False
     st.set(("join", rank), repr(time.time()))
     if rank == 0:
         if not _wait_all(st, "join", world_size, cfg.join_timeout_s):
@@ -877,6 +876,7 @@ def _run_rank(cfg, rank, world_size, st: _Store, host, port, prefix):
             return _run_collective_rank(cfg, rank, world_size, st, setup,
                                         _device_for(backend, rank))
         w = _Worker(cfg, rank, world_size, st, setup, _device_for(backend, rank), placement)
+        w.malloc_tuned = malloc_tuned
         hb = _Heartbeat(host, port, prefix, rank, cfg.heartbeat_interval_s, w.telemetry)
         hb.beat()
         if rank != 0:  # nobody watches the coordinator's heartbeat: it reads its own telemetry
@@ -991,7 +991,8 @@ def _finish(co: _Coordinator, w: _Worker, st: _Store, wall: float) -> RunReport:
               "data_path": "gloo/nccl point-to-point: int64 header, then payload; receives "
                            "pre-posted (transport.py)",
               "request_done_s": done_s, "max_inflight": co.window,
-              "ranks_share_cores": bool(w.placement and w.placement.oversubscribed)})
+              "ranks_share_cores": bool(w.placement and w.placement.oversubscribed),
+              "malloc_tuned": w.malloc_tuned})
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.save_outputs:

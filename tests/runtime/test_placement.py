@@ -34,3 +34,53 @@ def test_pin_cpus_config_values():
     with pytest.raises(ValueError, match="pin_cpus: expected true or false"):
         RunConfig(pin_cpus="yes").validate()
     assert RunConfig(pin_cpus=False).validate().pin_cpus is False
+
+
+def test_tune_malloc_config_values():
+    with pytest.raises(ValueError, match="tune_malloc: expected true or false"):
+        RunConfig(tune_malloc="no").validate()
+    assert RunConfig().validate().tune_malloc is True
+
+
+_MALLINFO = """
+import ctypes, sys, torch
+from lapdtr.runtime.placement import tune_malloc
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                "usmblks", "fsmblks", "uordblks", "fordblks",
+                                                "keepcost")]
+libc = ctypes.CDLL(None)
+if not hasattr(libc, "mallinfo2") or (sys.argv[1] == "tuned" and not tune_malloc()):
+    print("unsupported"); sys.exit(0)
+libc.mallinfo2.restype = Info
+m0 = libc.mallinfo2()
+x = torch.ones(6 * 2**20)  # 24 MB, more than any block freed so far
+m1 = libc.mallinfo2()
+del x
+m2 = libc.mallinfo2()
+# bytes in fresh mmaps for x; heap bytes for x; heap bytes still held after freeing x
+print(m1.hblkhd - m0.hblkhd, m1.arena - m0.arena, m2.arena - m0.arena)
+"""
+
+
+def _mallinfo(mode):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _MALLINFO, mode], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    if out == ["unsupported"]:
+        pytest.skip("not glibc >= 2.33: tune_malloc changes nothing here, or cannot be seen")
+    return [int(v) for v in out]
+
+
+def test_tune_malloc_keeps_large_blocks_on_the_heap():
+    """A batch's activations (here 24 MB): glibc by default maps a block that size afresh and
+    unmaps it when freed, so every batch faults it in again; tuned, it comes from the heap and
+    stays there for the next batch."""
+    size = 24 * 2**20
+    mapped, heap, kept = _mallinfo("default")
+    assert mapped >= size and heap < size  # the default: a fresh mapping, gone when freed
+    mapped, heap, kept = _mallinfo("tuned")
+    # from the heap (grown by most of it: some was free there already), and not given back
+    assert mapped == 0 and heap >= size // 2 and kept == heap, (mapped, heap, kept)
