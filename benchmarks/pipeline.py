@@ -285,7 +285,7 @@ def main(argv=None) -> int:
           "(every engine); medians over trials")
     print(f"{'p':>2} {'m':>3} {'win':>3} {'lapdtr img/s':>12} {'bound img/s':>11} "
           f"{'eff':>6} {'bound eff':>9} {'ratio':>6} {'gpipe img/s':>11} {'vs gpipe':>8} "
-          f"{'(min-max)':>11}")
+          f"{'(min-max)':>11} {'cpu/img':>7} {'busy lap/gp':>11}")
     for p in args.ranks:
         cuts = even_cuts(n_units, p)
         for m in args.micro_batches:
@@ -325,6 +325,16 @@ def main(argv=None) -> int:
             if vs:
                 row.update(gpipe_img_s=_median([t["gpipe_img_s"] for t in trials]),
                            vs_gpipe=_median(vs), vs_gpipe_min=min(vs), vs_gpipe_max=max(vs))
+                # where the difference comes from: CPU seconds per image (all ranks), and how
+                # busy that kept the host's cores (CPU seconds / (wall seconds x cores))
+                n_img, cores = args.requests * args.batch, os.cpu_count() or 1
+                cpu_l = _median([sum(x["cpu_s"]) for x in lap])
+                cpu_g = _median([sum(t["gpipe_cpu_s"]) for t in trials])
+                row.update(cpu_per_img_ms=cpu_l / n_img * 1e3, gpipe_cpu_per_img_ms=cpu_g / n_img * 1e3,
+                           cpu_vs_gpipe=cpu_l / cpu_g,
+                           busy=_median([sum(x["cpu_s"]) * x["img_s"] / n_img / cores for x in lap]),
+                           gpipe_busy=_median([sum(t["gpipe_cpu_s"]) * t["gpipe_img_s"] / n_img / cores
+                                               for t in trials]))
             results["throughput"].append(row)
             print(f"{p:>2} {m:>3} {row['max_inflight']:>3} {rate:>12.1f} "
                   f"{ideal * bound_eff:>11.1f} "
@@ -332,7 +342,10 @@ def main(argv=None) -> int:
                   f"{row.get('gpipe_img_s', float('nan')):>11.1f} "
                   f"{row.get('vs_gpipe', float('nan')):>8.2f} "
                   f"{row.get('vs_gpipe_min', float('nan')):>5.2f}-"
-                  f"{row.get('vs_gpipe_max', float('nan')):<5.2f}", flush=True)
+                  f"{row.get('vs_gpipe_max', float('nan')):<5.2f} "
+                  f"{row.get('cpu_vs_gpipe', float('nan')):>7.3f} "
+                  f"{row.get('busy', float('nan')):>5.2f}/{row.get('gpipe_busy', float('nan')):<5.2f}",
+                  flush=True)
 
     # single-request latency: one micro-batch of one image in flight at a time
     print(f"\n{'p':>2} {'lapdtr ms':>9} {'bare ms':>8} {'vs bare':>7} {'compute ms':>10} "
