@@ -78,6 +78,7 @@ def two_hosts():
         for n, link, addr in zip(ns, links, ["10.77.0.1/24", "10.77.0.2/24"]):
             steps += [("link", "set", link, "netns", n), ("-n", n, "addr", "add", addr, "dev", link),
                       ("-n", n, "link", "set", link, "up"), ("-n", n, "link", "set", "lo", "up")]
+        steps += [("netns", "exec", n, "true") for n in ns]  # some containers cannot enter them
         for s in steps:
             p = _ip(*s)
             if p.returncode != 0:
