@@ -56,16 +56,35 @@ def even_cuts(num_units: int, p: int) -> list[int]:
     return [round(num_units * i / p) for i in range(1, p)]
 
 
-def _gpipe_worker(rank, p, m, model_name, kw, cuts, batch, requests, port, out_file, threads,
-                  malloc):
-    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+def _spawn(worker, nprocs: int, *args) -> dict:
+    """Run ``worker(rank, port, out_file, *args)`` on ``nprocs`` local processes; returns the
+    JSON its rank 0 wrote to ``out_file``."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    out = Path(f"/tmp/lapdtr-bench-{worker.__name__}-{os.getpid()}.json")
+    mp.start_processes(worker, args=(store.port, str(out), *args), nprocs=nprocs,
+                       start_method="spawn")
+    res = json.loads(out.read_text())
+    out.unlink()
+    return res
 
-    if malloc:  # the allocator settings lapdtr's ranks run with
+
+def _join(rank: int, world_size: int, port: int, prefix: str, threads: int = 1,
+          malloc: bool = False) -> None:
+    """A baseline worker's set-up: allocator settings (``malloc``: those lapdtr's ranks run
+    with), torch threads, then its gloo group."""
+    if malloc:
         tune_malloc()
     torch.set_num_threads(threads)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False)
-    dist.init_process_group("gloo", store=dist.PrefixStore("gpipe", store), rank=rank,
-                            world_size=p, timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group("gloo", store=dist.PrefixStore(prefix, store), rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=300))
+
+
+def _gpipe_worker(rank, port, out_file, p, m, model_name, kw, cuts, batch, requests, threads,
+                  malloc):
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    _join(rank, p, port, "gpipe", threads, malloc)
     torch.manual_seed(0)
     model = lapdtr.create_model(model_name, **kw)
     stage_mod = lapdtr.partition(model, cuts)[rank]
@@ -95,13 +114,7 @@ def _gpipe_worker(rank, p, m, model_name, kw, cuts, batch, requests, port, out_f
 
 def run_gpipe(p, m, model_name, kw, cuts, batch, requests, threads, malloc=True) -> dict:
     """ScheduleGPipe's images/s (``img_s``) and each rank's CPU seconds (``cpu_s``)."""
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    out = Path(f"/tmp/lapdtr-gpipe-{os.getpid()}.json")
-    mp.start_processes(_gpipe_worker, args=(p, m, model_name, kw, cuts, batch, requests,
-                                            store.port, str(out), threads, malloc),
-                       nprocs=p, start_method="spawn")
-    res = json.loads(out.read_text())
-    out.unlink()
+    res = _spawn(_gpipe_worker, p, p, m, model_name, kw, cuts, batch, requests, threads, malloc)
     return {"img_s": requests * batch / res["wall_s"], "cpu_s": res["cpu_s"]}
 
 
@@ -119,10 +132,8 @@ def _gloo_pingpong(x, rank, reps, warm):
     return (time.perf_counter() - t0) / reps / 2
 
 
-def _pingpong_worker(rank, sizes, reps, port, out_file):
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False)
-    dist.init_process_group("gloo", store=dist.PrefixStore("pp", store), rank=rank, world_size=2)
+def _pingpong_worker(rank, port, out_file, sizes, reps):
+    _join(rank, 2, port, "pp")
     res = {}
     for n in sizes:
         res[str(n)] = _gloo_pingpong(torch.zeros(max(1, n // 4)), rank, reps, 2)
@@ -132,21 +143,14 @@ def _pingpong_worker(rank, sizes, reps, port, out_file):
 
 
 def transfer_times(sizes, reps=20) -> dict[int, float]:
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    out = Path(f"/tmp/lapdtr-pp-{os.getpid()}.json")
-    mp.start_processes(_pingpong_worker, args=(sorted(set(sizes)), reps, store.port, str(out)),
-                       nprocs=2, start_method="spawn")
-    res = {int(k): v for k, v in json.loads(out.read_text()).items()}
-    out.unlink()
-    return res
+    res = _spawn(_pingpong_worker, 2, sorted(set(sizes)), reps)
+    return {int(k): v for k, v in res.items()}
 
 
-def _overhead_worker(rank, reps, port, out_file):
+def _overhead_worker(rank, port, out_file, reps):
     from lapdtr.runtime.transport import Transport
 
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False)
-    dist.init_process_group("gloo", store=dist.PrefixStore("ov", store), rank=rank, world_size=2)
+    _join(rank, 2, port, "ov")
     tr = Transport(rank, torch.device("cpu"))
     x = torch.zeros(8)
 
@@ -175,26 +179,16 @@ def _overhead_worker(rank, reps, port, out_file):
 
 def boundary_overhead_us(reps=300) -> dict:
     """One-way time of a tiny boundary message: plain gloo send/recv vs lapdtr's transport
-    (header and payload in one frame, pre-posted receives, receiver thread); the difference is
-    lapdtr's overhead."""
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    out = Path(f"/tmp/lapdtr-ov-{os.getpid()}.json")
-    mp.start_processes(_overhead_worker, args=(reps, store.port, str(out)), nprocs=2,
-                       start_method="spawn")
-    res = json.loads(out.read_text())
-    out.unlink()
+    (header and payload, pre-posted receives, receiver thread); the difference is lapdtr's
+    overhead."""
+    res = _spawn(_overhead_worker, 2, reps)
     return {"gloo_one_way_us": res["gloo"] * 1e6, "lapdtr_one_way_us": res["lapdtr"] * 1e6,
             "overhead_us": (res["lapdtr"] - res["gloo"]) * 1e6}
 
 
-def _bare_worker(rank, p, model_name, kw, cuts, requests, port, out_file, threads, img, malloc):
+def _bare_worker(rank, port, out_file, p, model_name, kw, cuts, requests, threads, img, malloc):
     """The bare pipeline: stage ``rank`` between blocking gloo send/recv of known shapes."""
-    if malloc:
-        tune_malloc()
-    torch.set_num_threads(threads)
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False)
-    dist.init_process_group("gloo", store=dist.PrefixStore("bare", store), rank=rank,
-                            world_size=p, timeout=datetime.timedelta(seconds=300))
+    _join(rank, p, port, "bare", threads, malloc)
     torch.manual_seed(0)
     stages = lapdtr.partition(lapdtr.create_model(model_name, **kw).eval(), cuts)
     cfg = RunConfig(batch_size=1)
@@ -226,14 +220,8 @@ def _bare_worker(rank, p, model_name, kw, cuts, requests, port, out_file, thread
 
 
 def run_bare(p, model_name, kw, cuts, requests, threads, img, malloc=True) -> list[float]:
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    out = Path(f"/tmp/lapdtr-bare-{os.getpid()}.json")
-    mp.start_processes(_bare_worker, args=(p, model_name, kw, cuts, requests, store.port,
-                                           str(out), threads, img, malloc),
-                       nprocs=p, start_method="spawn")
-    lat = json.loads(out.read_text())["latency_s"]
-    out.unlink()
-    return lat
+    return _spawn(_bare_worker, p, p, model_name, kw, cuts, requests, threads, img,
+                  malloc)["latency_s"]
 
 
 def stage_times(report) -> list[float]:

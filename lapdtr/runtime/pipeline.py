@@ -304,7 +304,8 @@ class _Worker:
     """State of one rank during a pipeline run."""
 
     def __init__(self, cfg: RunConfig, rank: int, world_size: int, st: _Store, setup: dict,
-                 device: torch.device, placement: Placement | None = None):
+                 device: torch.device, placement: Placement | None = None,
+                 malloc_tuned: bool = False):
         self.cfg, self.rank, self.world_size, self.st = cfg, rank, world_size, st
         self.device = device
         self.img_size = setup["img_size"]
@@ -330,6 +331,7 @@ class _Worker:
         self.below_since: float | None = None
         self.cpu0 = _cpu_time()
         self.placement = placement
+        self.malloc_tuned = malloc_tuned
         self._apply_plan(self.plan)
         self._make_meter()
         for i, f in enumerate(cfg.faults):
@@ -875,8 +877,8 @@ def _run_rank(cfg, rank, world_size, st: _Store, host, port, prefix):
         if cfg.mode != "pipeline":
             return _run_collective_rank(cfg, rank, world_size, st, setup,
                                         _device_for(backend, rank))
-        w = _Worker(cfg, rank, world_size, st, setup, _device_for(backend, rank), placement)
-        w.malloc_tuned = malloc_tuned
+        w = _Worker(cfg, rank, world_size, st, setup, _device_for(backend, rank), placement,
+                    malloc_tuned)
         hb = _Heartbeat(host, port, prefix, rank, cfg.heartbeat_interval_s, w.telemetry)
         hb.beat()
         if rank != 0:  # nobody watches the coordinator's heartbeat: it reads its own telemetry
@@ -988,8 +990,9 @@ def _finish(co: _Coordinator, w: _Worker, st: _Store, wall: float) -> RunReport:
         ranks=ranks, replans=co.replans, plan=w.plan.to_dict(),
         meta={"checkpoint": str(w.model.checkpoint), "img_size": w.img_size,
               "backend": dist.get_backend(), "torch": torch.__version__,
-              "data_path": "gloo/nccl point-to-point: int64 header, then payload; receives "
-                           "pre-posted (transport.py)",
+              "data_path": "gloo/nccl point-to-point: int64 header and payload (on gloo, "
+                           "a payload that fits the pre-posted receive goes first; "
+                           "transport.py)",
               "request_done_s": done_s, "max_inflight": co.window,
               "ranks_share_cores": bool(w.placement and w.placement.oversubscribed),
               "malloc_tuned": w.malloc_tuned})

@@ -21,7 +21,6 @@ serving process's is anyway. ``benchmarks/pipeline.py`` gives its baselines the 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from dataclasses import dataclass
 
@@ -77,13 +76,9 @@ _TRIM_THRESHOLD = 2**31 - 1  # an int: trim only with 2 GB free at the top of th
 def tune_malloc() -> bool:
     """Keep freed memory for reuse in this process (see the module docstring); ``False`` where
     the C library is not glibc (nothing is changed there)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS): no mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
+    except (OSError, AttributeError, TypeError):  # no mallopt (macOS), or no CDLL(None) (Windows)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success; a glibc too old for a value returns 0

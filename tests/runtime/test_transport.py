@@ -19,6 +19,12 @@ def _done(out, rank):
         f.write("ok")
 
 
+def _both_pass(worker, tmp_path):
+    """Run ``worker`` on two gloo ranks; both must get through every assertion."""
+    spawn(worker, 2, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["0", "1"]
+
+
 def _tensors():
     """What rank 0 sends, in order: new shapes and dtypes, larger (grow) and smaller (fits),
     empty, scalar, 8-dim, then a run of small ones long enough for the capacity to shrink."""
@@ -89,8 +95,7 @@ def tr_cap_after(xs):
 
 
 def test_shapes_dtypes_generations_control(tmp_path):
-    spawn(_transport_worker, 2, str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["0", "1"]
+    _both_pass(_transport_worker, tmp_path)
 
 
 def _stale_worker(rank, world_size, port, out):
@@ -113,8 +118,7 @@ def _stale_worker(rank, world_size, port, out):
 
 
 def test_stale_generation_is_received_and_dropped(tmp_path):
-    spawn(_stale_worker, 2, str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["0", "1"]
+    _both_pass(_stale_worker, tmp_path)
 
 
 def _gone_worker(rank, world_size, port, out):
@@ -169,8 +173,7 @@ def _reuse_worker(rank, world_size, port, out):
 
 
 def test_receive_buffers_are_reused(tmp_path):
-    spawn(_reuse_worker, 2, str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["0", "1"]
+    _both_pass(_reuse_worker, tmp_path)
 
 
 def test_a_buffer_is_unshared_only_without_views():
