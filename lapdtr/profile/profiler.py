@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import sdpa_flop_count as flop_counter_sdpa
 
 from ..models import create_model, default_img_size, get_adapter, unit_owned_names, units
 from .types import ModelProfile, UnitProfile
@@ -112,6 +113,27 @@ def _time_fn(fn, x, device, warmup: int, repeats: int) -> float:
     return statistics.median(ts)
 
 
+
+def _cpu_flash_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return flop_counter_sdpa(query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """``FlopCounterMode`` that also counts the fused SDPA kernel torch picks on CPU
+    (``_scaled_dot_product_flash_attention_for_cpu``), which torch's own table leaves out in some
+    releases (2.14): timm's ViTs would lose their attention matmuls from the count."""
+    mapping = {}
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None and op.default not in _flop_registry():
+        mapping[op] = _cpu_flash_sdpa_flops
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def _flop_registry() -> dict:
+    from torch.utils import flop_counter as fcm
+
+    return fcm.flop_registry
+
 def profile_model(model_or_name: nn.Module | str, *, img_size: int | None = None,
                   batch_size: int = 1, dtype: torch.dtype | str = torch.float32,
                   device: str | torch.device = "cpu", repeats: int = 5, warmup: int = 2,
@@ -166,13 +188,13 @@ def profile_model(model_or_name: nn.Module | str, *, img_size: int | None = None
 
         iterator = tqdm(ul, desc=f"profile {_model_name(model)}", unit="unit")
     with torch.no_grad():
-        with FlopCounterMode(display=False) as fc:
+        with flop_counter() as fc:
             model(x)
         model_flops = int(fc.get_total_flops())
         h = x
         for u in iterator:
             fn = lambda t, u=u: u.fn(model, t)  # noqa: E731
-            with FlopCounterMode(display=False) as fc:
+            with flop_counter() as fc:
                 y = fn(h)
             flops = int(fc.get_total_flops())
             if device.type == "cuda":
