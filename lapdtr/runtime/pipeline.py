@@ -749,6 +749,7 @@ class _Coordinator:
         inv[0] = {k: u for k, u in w.inventory().items()}
         resume: dict[str, list] = {}
         resumed_at: dict[str, int] = {}
+        points: dict[str, list[int]] = {}  # item -> [resumed from, furthest boundary cached]
         for k in range(self.next_item):
             if k in self.outputs:
                 continue
@@ -758,6 +759,7 @@ class _Coordinator:
                     best_u, best_r = held[k], r
             resume.setdefault(str(best_r), []).append([k, best_u])
             resumed_at[str(best_u)] = resumed_at.get(str(best_u), 0) + 1
+            points[str(k)] = [best_u, max([0] + [held[k] for held in inv.values() if k in held])]
         self.st.set(("g", gen, "resume"), json.dumps(resume))
         for k, u in resume.get("0", []):
             if u == 0:
@@ -768,7 +770,7 @@ class _Coordinator:
         self.replans.append(ReplanEvent(
             generation=gen, kind=kind, devices=names, ranks=ranks, time_s=t_start - w.t0,
             detect_s=detect_s, recovery_s=time.time() - t_start,
-            moves=list(new_plan.meta.get("moves", [])), resumed=resumed_at,
+            moves=list(new_plan.meta.get("moves", [])), resumed=resumed_at, resume_points=points,
             stages=[{"rank": s.rank, "device": s.device, "units": s.units} for s in new_plan.stages]))
         del old_plan
 

@@ -62,6 +62,8 @@ class ReplanEvent:
     recovery_s: float = 0.0
     moves: list[dict] = field(default_factory=list)
     resumed: dict = field(default_factory=dict)  # first unit -> number of items resumed there
+    # item -> [unit it resumed from, furthest boundary any survivor had cached for it]
+    resume_points: dict = field(default_factory=dict)
     stages: list[dict] = field(default_factory=list)
 
 

@@ -3,7 +3,11 @@ import json
 
 import pytest
 
+from lapdtr.runtime import RunReport
 from lapdtr.runtime.cli import main
+
+from runtime_helpers import (assert_replans_keep_survivors_busy, assert_resumed_from_furthest,
+                             unit_runs_from_timelines)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
@@ -21,3 +25,16 @@ def test_demo_streams_all_requests_through_a_redistribution(tmp_path, capsys):
     assert phone["status"] == "left" and phone["remaining_j"] < 100
     for name in ("timeline.png", "energy.png", "plan.json", "config.json"):
         assert (tmp_path / name).exists()
+    # the re-plan: the planner's moves leave both other devices with units (neither holds the
+    # model alone), and every in-flight item resumed from the furthest boundary cached for it,
+    # no unit run more often than that needs (every rank reported its timeline: a drain)
+    r = RunReport.load(tmp_path / "report.json")
+    assert_replans_keep_survivors_busy(r, tmp_path)
+    figures = assert_resumed_from_furthest(r, unit_runs_from_timelines(r))
+    # the phone refused request 100 (item 100) on; its first unit is where that item resumed
+    from lapdtr.plan.types import Plan
+
+    plan = Plan.load(tmp_path / "plan.json")
+    order = [u for s in sorted(plan.stages, key=lambda s: s.index) for u in s.units]
+    phone_first = order.index(plan.stages_of_rank(phone["rank"])[0].units[0])
+    assert r.replans[0].resume_points["100"] == [phone_first, phone_first], figures
