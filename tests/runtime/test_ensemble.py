@@ -1,7 +1,6 @@
 """Ensemble mode: aggregators, and the gloo run equal to the single-process definition."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,6 +12,8 @@ from lapdtr.runtime import ensemble as ens
 from lapdtr.runtime.ensemble import (aggregate, ensemble_reference, get_aggregator,
                                      list_aggregators, register_aggregator, run_ensemble,
                                      weights_from_devices)
+
+from lapdtr.testing import assert_close_scaled, informative_weights_, scaled_atol
 
 from runtime_helpers import init_gloo, spawn
 
@@ -95,7 +96,9 @@ def test_weights_from_devices():
 # ------------------------------------------------------------------------ real gloo ranks
 
 def _members(world_size: int) -> list[nn.Module]:
-    """Different sub-models, one per rank: two small DeiTs of different depth and a ResNet."""
+    """Different sub-models, one per rank: two small DeiTs of different depth and a ResNet, on
+    weights where every unit shows (timm zero-initializes the DeiT head and ResNet's last BN
+    scales, so members would hardly disagree)."""
     out = []
     for r in range(world_size):
         torch.manual_seed(100 + r)
@@ -104,10 +107,8 @@ def _members(world_size: int) -> list[nn.Module]:
         else:
             m = lapdtr.create_model("deit_tiny_patch16_224", depth=1 + r, img_size=32,
                                     num_classes=NUM_CLASSES)
-            with torch.no_grad():  # timm zero-initializes the head; make the members disagree
-                m.head.weight.normal_(0, 1.0)
-                m.head.bias.normal_(0, 0.5)
-        out.append(m)
+        probe = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(r))
+        out.append(informative_weights_(m, seed=100 + r, probe=probe))
     return out
 
 
@@ -122,17 +123,22 @@ def _ensemble_worker(rank, world_size, port):
         weights = [1.0 + r for r in range(world_size)]
         preds = torch.stack([m(x).argmax(-1) for m in models])
         assert (preds != preds[0]).any(), "members never disagree: the vote test would be vacuous"
+        # the comparisons would see a member left out (every rank's output counts)
+        full = ensemble_reference(models, x, "mean")
+        for r in range(world_size):
+            rest = ensemble_reference(models[:r] + models[r + 1:], x, "mean")
+            assert (rest - full).abs().max() > 100 * scaled_atol(full), r
         for agg, w in (("mean", None), ("vote", None), ("vote", weights), ("weighted", weights)):
             want = ensemble_reference(models, x, agg, weights=w)
             got = run_ensemble(models, x, aggregator=agg, rank=rank, world_size=world_size,
                                weights=w)
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            assert_close_scaled(got, want)
             # this rank's model only, input broadcast from rank 0, result on the last rank only
             last = world_size - 1
             got = run_ensemble(models[rank], x if rank == 0 else None, aggregator=agg,
                                rank=rank, world_size=world_size, weights=w, src=0, dst=last)
             if rank == last:
-                torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+                assert_close_scaled(got, want)
             else:
                 assert got is None
         # members whose outputs disagree in shape fail on every rank alike, without hanging
@@ -145,7 +151,7 @@ def _ensemble_worker(rank, world_size, port):
             run_ensemble(models, x, aggregator="median", rank=rank, world_size=world_size)
         # the group still works after the errors
         got = run_ensemble(models, x, aggregator="mean", rank=rank, world_size=world_size)
-        torch.testing.assert_close(got, ensemble_reference(models, x, "mean"), atol=1e-5, rtol=0)
+        assert_close_scaled(got, ensemble_reference(models, x, "mean"))
     finally:
         dist.destroy_process_group()
 

@@ -7,11 +7,13 @@ names a smaller one). To stay cheap, each world size forks its ranks once and ev
 ``run_rank`` for one family after another, each run under its own store prefix; the first case
 of a world size pays for the whole batch, the others read its results.
 
-The weights are redrawn (``_informative_weights``) and saved as the run's checkpoint: with
+The weights are redrawn (``lapdtr.testing.informative_weights_``) and saved as the run's checkpoint: with
 timm's own random init the logits of some families hardly depend on the input (EfficientViT-M0
 logits are below 1e-4, zero-initialized BN scales; EfficientViT-B0 logits differ by 5e-6
 between two random inputs), so ``atol=1e-5`` would check almost nothing there. Each case
-asserts that its reference logits differ between inputs by more than 100x the tolerance.
+asserts that its reference logits differ between inputs by more than 100x the tolerance, and
+that the model with any one unit skipped or perturbed is off by more than 100x the tolerance
+(``assert_sees_every_unit``).
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import lapdtr
 from lapdtr.models.base import default_img_size, units
 from lapdtr.runtime import RunConfig, RunReport, request_input, run_rank
+
+from lapdtr.testing import assert_close_scaled, assert_sees_every_unit, informative_weights_
 
 from runtime_helpers import free_port
 
@@ -115,7 +118,7 @@ class _Case:
         self.formats = [u.out_format for u in self.units[:-1]]
         # the inputs every run of these configs sees (request_input reads seed and batch_size)
         inputs = [request_input(RunConfig(batch_size=BATCH), r, self.img) for r in range(REQUESTS)]
-        _informative_weights(model, inputs[0], seed=1)
+        informative_weights_(model, seed=1, probe=inputs[0])
         if self.fmt is None:
             self.fmt = sorted(set(self.formats), key=lambda f: FORMAT_PRIORITY.index(f)
                               if f in FORMAT_PRIORITY else -1)[0]
@@ -126,6 +129,9 @@ class _Case:
                   str(self.checkpoint), metadata={"model": self.model})
         with torch.no_grad():
             self.reference = [model(x) for x in inputs]
+        # the comparison of the test would reject this model with any one unit skipped/perturbed
+        self.visible = assert_sees_every_unit(model, inputs[0], self.reference[0],
+                                              unit_list=self.units, rel=ATOL)
 
     def config(self, world: int) -> RunConfig:
         return RunConfig(model=self.model, model_kwargs=self.kwargs, img_size=self.img,
@@ -134,34 +140,6 @@ class _Case:
                          micro_batches=MICRO_BATCHES, out=str(self.root / f"w{world}"),
                          save_outputs=True, plots=False, join_timeout_s=60.0,
                          threads_per_rank=1).validate()
-
-
-def _informative_weights(model: nn.Module, probe: torch.Tensor, seed: int) -> None:
-    """Redraw the weights so the logits depend on the input well above ``ATOL``: every conv and
-    linear N(0, 1/fan_in), norm scales U(0.5, 1.5), batch-norm shifts and statistics random;
-    then scale the last conv / linear so the largest logit on ``probe`` is 1 (what comes after
-    it, ReLU and pooling at most, is positively homogeneous)."""
-    g = torch.Generator().manual_seed(seed)
-    last = None
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight[0].numel() ** 0.5)
-                last = m
-            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                if m.weight is not None:
-                    m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                    m.bias.copy_(0.1 * torch.randn(n, generator=g))
-                if m.running_mean is not None:
-                    m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                    m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-        scale = 1.0 / float(model(probe).abs().max())
-        last.weight.mul_(scale)
-        if last.bias is not None:
-            last.bias.mul_(scale)
 
 
 # ------------------------------------------------------------------ one set of ranks per world
@@ -298,4 +276,4 @@ def test_pipeline_equals_single_process(runs, family, world):
     outs = load_file(str(out / "outputs.safetensors"))
     assert sorted(outs) == sorted(f"request{r}" for r in range(REQUESTS))
     for r, ref in enumerate(case.reference):
-        torch.testing.assert_close(outs[f"request{r}"], ref, atol=ATOL, rtol=0)
+        assert_close_scaled(outs[f"request{r}"], ref, rel=ATOL)

@@ -1,9 +1,12 @@
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
 import lapdtr
 from lapdtr.runtime import RankModel, check_checkpoint, write_checkpoint
 from lapdtr.runtime.stages import build_host
+from lapdtr.testing import assert_sees_every_unit, informative_weights_, write_informative_checkpoint
 
 FAMILIES = [("deit_tiny_patch16_224", {"depth": 4}, 224),
             ("efficientvit_m0", {}, 128),
@@ -13,9 +16,10 @@ FAMILIES = [("deit_tiny_patch16_224", {"depth": 4}, 224),
 
 @pytest.mark.parametrize("name, kw, img", FAMILIES)
 def test_rank_models_hold_only_their_units_and_chain_exactly(tmp_path, name, kw, img):
-    ckpt = write_checkpoint(tmp_path / "w.safetensors", name, model_kwargs=kw, seed=3)
-    torch.manual_seed(3)
+    ckpt = write_informative_checkpoint(tmp_path / "w.safetensors", name, model_kwargs=kw,
+                                        seed=3, img_size=img)
     full = lapdtr.create_model(name, **kw)
+    full.load_state_dict(load_file(str(ckpt)))
     full_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
     parts = [RankModel(name, ckpt, model_kwargs=kw, img_size=img) for _ in range(3)]
     n = parts[0].num_units
@@ -30,7 +34,10 @@ def test_rank_models_hold_only_their_units_and_chain_exactly(tmp_path, name, kw,
     for pm, a, b in zip(parts, bounds, bounds[1:]):
         y = pm.run(y, a, b)
     with torch.no_grad():
-        assert torch.equal(y, full(x))
+        ref = full(x)
+    assert torch.equal(y, ref)
+    # on these weights the comparison would see any one unit skipped or perturbed
+    assert_sees_every_unit(full, x, ref, unit_list=parts[0].units)
 
 
 def test_take_over_and_release_units(tmp_path):
@@ -69,11 +76,13 @@ def test_checkpoint_that_does_not_match_the_model_is_named(tmp_path):
 
 def test_torch_checkpoint_loads_weights_only(tmp_path):
     torch.manual_seed(0)
-    m = lapdtr.create_model("resnet18")
+    m = informative_weights_(lapdtr.create_model("resnet18"), seed=4)
     path = tmp_path / "r.pth"
     torch.save({"state_dict": m.state_dict()}, path)
     pm = RankModel("resnet18", path, img_size=64)
     pm.load_units([u.name for u in pm.units])
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(pm.run(x, 0, pm.num_units), m(x))
+        ref = m(x)
+        assert torch.equal(pm.run(x, 0, pm.num_units), ref)
+    assert_sees_every_unit(m, x, ref, unit_list=pm.units)

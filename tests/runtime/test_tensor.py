@@ -17,6 +17,8 @@ from lapdtr.runtime.tensor import (ShardedAttention, ShardedConv2d, ShardedMlp,
                                    proportions_from_plan, reference_tensor_split, run_tensor,
                                    split_counts, split_ranges)
 
+from lapdtr.testing import assert_close_scaled, assert_sees_every_unit, informative_weights_
+
 from runtime_helpers import init_gloo, spawn
 
 ATOL = 1e-5
@@ -220,34 +222,29 @@ def test_apply_tensor_split_unsupported_family():
 
 def test_apply_tensor_split_replaces_layers_single_rank():
     """world_size 1 needs no group: every layer wrapped, holding all of its units."""
-    torch.manual_seed(0)
-    model = lapdtr.create_model("resnet18")
+    ref = _randomize(lapdtr.create_model("resnet18"), size=32)
+    model = copy.deepcopy(ref)
     apply_tensor_split(model, proportions=[1.0], rank=0, world_size=1)
     shards = list_tensor_shards(model)
     assert {s.unit for s in shards} >= {"conv1", "layer1.0.conv1", "layer4.1.conv2",
                                          "layer2.0.downsample.0", "fc"}
     assert all(s.start == 0 and s.rank == 0 for s in shards)
-    torch.manual_seed(0)
-    ref = lapdtr.create_model("resnet18")
     x = torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(model(x), ref(x), atol=ATOL, rtol=0)
+    with torch.no_grad():
+        want = ref(x)
+        assert_close_scaled(model(x), want)
+    assert_sees_every_unit(ref, x, want)
     assert get_tensor_comm_stats(model) == {"bytes_sent": 0, "num_collectives": 0}
 
 
 # ------------------------------------------------------------------------ real gloo ranks
 
-def _randomize(model: nn.Module) -> nn.Module:
-    """timm zero-initializes biases and BN statistics; make them random so a bias added twice,
-    never, or to the wrong channels shows."""
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith("bias") or name.endswith("running_mean"):
-                t.normal_(0, 0.1)
-            elif name.endswith("running_var"):
-                t.uniform_(0.5, 1.5)
-    return model
-
-
+def _randomize(model: nn.Module, size: int = 64, seed: int = 0) -> nn.Module:
+    """Weights where no unit is invisible: timm zero-initializes biases, BN statistics and the
+    last BN scale of each residual branch (a scrambled ``conv2`` would leave ResNet's output
+    unchanged); redraw them all so a bias added twice, never, or to the wrong channels shows."""
+    probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return informative_weights_(model, seed=seed, probe=probe)
 
 
 def _init(rank: int, world_size: int, port: int):
@@ -262,13 +259,15 @@ def _tensor_worker(rank, world_size, port, props):
         ref = _randomize(lapdtr.create_model("deit_tiny_patch16_224", depth=2, img_size=64))
         model = copy.deepcopy(ref)
         x = torch.randn(2, 3, 64, 64)
+        if rank == 0:  # the comparisons below would see any one unit skipped or perturbed
+            assert_sees_every_unit(ref, x)
         xr = x.clone().requires_grad_(True)
         ref(xr).square().sum().backward()
         apply_tensor_split(model, proportions=props, rank=rank, world_size=world_size)
         assert isinstance(model.blocks[1].attn, ShardedAttention)
         xs = x.clone().requires_grad_(True)
         out = model(xs)
-        torch.testing.assert_close(out, ref(x), atol=ATOL, rtol=0)
+        assert_close_scaled(out, ref(x))
         out.square().sum().backward()
         torch.testing.assert_close(xs.grad, xr.grad, atol=1e-4, rtol=1e-4)
         sa, ra = model.blocks[0].attn, ref.blocks[0].attn
@@ -281,7 +280,7 @@ def _tensor_worker(rank, world_size, port, props):
         # run_tensor with the input on rank 0 only (broadcast with a shape header)
         y = run_tensor(model, x if rank == 0 else None, proportions=props, rank=rank,
                        world_size=world_size, src=0)
-        torch.testing.assert_close(y, ref(x).detach(), atol=ATOL, rtol=0)
+        assert_close_scaled(y, ref(x).detach())
         heads = [s for s in list_tensor_shards(model) if s.unit == "blocks.0.attn"]
         assert heads[0].stop - heads[0].start == split_counts(3, props)[rank]
         stats = get_tensor_comm_stats(model)
@@ -289,21 +288,25 @@ def _tensor_worker(rank, world_size, port, props):
 
         # ResNet18: every conv and the classifier split by output channels, gathered
         torch.manual_seed(1)
-        cnn = _randomize(lapdtr.create_model("resnet18", num_classes=37))
+        cnn = _randomize(lapdtr.create_model("resnet18", num_classes=37), seed=1)
         xc = torch.randn(2, 3, 64, 64)
         with torch.no_grad():
             want = cnn(xc)
+        if rank == 0:
+            assert_sees_every_unit(cnn, xc, want)
         got = run_tensor(cnn, xc, proportions=props, rank=rank, world_size=world_size)
         assert isinstance(cnn.layer3[0].conv2, ShardedConv2d)
         assert cnn.layer3[0].conv2.weight.shape[0] == split_counts(256, props)[rank]
-        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        assert_close_scaled(got, want)
         # MobileNetV3 (depthwise convs split by groups, SE convs, linear head)
         torch.manual_seed(2)
-        mnv = _randomize(lapdtr.create_model("mobilenetv3_small_050"))
+        mnv = _randomize(lapdtr.create_model("mobilenetv3_small_050"), seed=2)
         with torch.no_grad():
             want = mnv(xc)
+        if rank == 0:
+            assert_sees_every_unit(mnv, xc, want)
         got = run_tensor(mnv, xc, proportions=props, rank=rank, world_size=world_size)
-        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        assert_close_scaled(got, want)
     finally:
         dist.destroy_process_group()
 
