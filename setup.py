@@ -17,7 +17,7 @@ setup(
         "matplotlib", "tqdm", "psutil",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "hypothesis"],
+        "dev": ["pytest>=8", "pytest-timeout", "hypothesis", "nvidia-ml-py"],
         "nvml": ["nvidia-ml-py"],
     },
     entry_points={"console_scripts": ["lapdtr=lapdtr.cli:main"]},
