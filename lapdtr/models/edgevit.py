@@ -16,8 +16,9 @@ then Local-Global-Local (LGL) blocks:
   position with a depthwise transposed conv (kernel = stride = r) and a LayerNorm; projection;
   then LayerNorm -> token MLP.
 
-Head: BatchNorm -> global average pool -> Linear. Feature maps ``(B, C, H, W)`` pass between
-stages and blocks; the input side must be a multiple of 32 (224, 160, 256 ...).
+Head: BatchNorm -> global pool (average by default; any timm ``global_pool``, ``''`` keeps the
+map) -> Linear. Feature maps ``(B, C, H, W)`` pass between stages and blocks; the input side must
+be a multiple of 32 (224, 160, 256 ...).
 
 Parameters with 1000 classes: XXS 4.07M, XS 6.77M, S 13.11M, as released. The paper's table lists
 4.1M / 6.7M / 11.1M; the released EdgeViT-S configuration (depths 1,2,5,3; channels 48,96,240,384)
@@ -29,21 +30,28 @@ naming (``stages.{i}.downsample``, ``stages.{i}.blocks.{j}``); :func:`checkpoint
 checkpoints of the official code (``patch_embed1``, ``blocks1.0.LocalAgg`` ...) onto them, and
 timm applies it for ``pretrained=True`` with ``pretrained_cfg_overlay=dict(file=...)``. No
 weights are published, so ``pretrained=True`` without a file is an error.
-"""
-from __future__ import annotations
 
+timm's model protocol: ``reset_classifier(num_classes, global_pool)``, ``forward_features`` /
+``forward_head(pre_logits=)``, ``forward_intermediates`` / ``prune_intermediate_layers`` (one
+feature level per stage), ``features_only=True``, ``set_grad_checkpointing``, ``torch.fx``
+tracing (the feature-map side check is a timm no-trace function) and ``torch.jit.script``.
+"""
 import math
 import re
-from typing import Sequence
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ConvMlp, DropPath, Mlp, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import (ConvMlp, DropPath, Mlp, register_notrace_function, trunc_normal_,
+                         use_fused_attn)
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from .base import UnitSpec, register_adapter
+from ._util import check_num_classes, check_output_fmt, global_pool as _global_pool, take_indices
 
 __all__ = ["EdgeVit", "LGLBlock", "LocalAgg", "GlobalSparseBlock", "GlobalSparseAttn",
            "checkpoint_filter_fn", "edgevit_units"]
@@ -85,6 +93,18 @@ class LocalAgg(nn.Module):
         return x
 
 
+@register_notrace_function  # a leaf for timm's FX tracer (shapes are proxies there) ...
+@torch.fx.wrap  # ... and for plain torch.fx.symbolic_trace
+def _delegate_grid(H: int, W: int, r: int) -> Tuple[int, int]:
+    """Sides of the delegate-token grid of an ``H x W`` map with sampling ratio ``r``."""
+    if H % r != 0 or W % r != 0:
+        raise ValueError(
+            f"EdgeViT global sparse attention with sampling ratio {r} needs a feature map "
+            f"whose sides divide by {r}, got {H}x{W}; use an input side that is a "
+            f"multiple of 32")
+    return H // r, W // r
+
+
 class GlobalSparseAttn(nn.Module):
     """Self-attention among delegate tokens (one per ``sr_ratio`` x ``sr_ratio`` cell), propagated
     back to every position by a depthwise transposed conv (local propagation)."""
@@ -113,17 +133,14 @@ class GlobalSparseAttn(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         """``x``: tokens ``(B, H*W, C)`` of an ``H x W`` map given by ``size``."""
         B, N, C = x.shape
         H, W = size
         r = self.sr_ratio
+        Hr, Wr = H, W
         if r > 1:
-            if H % r or W % r:
-                raise ValueError(
-                    f"EdgeViT global sparse attention with sampling ratio {r} needs a feature map "
-                    f"whose sides divide by {r}, got {H}x{W}; use an input side that is a "
-                    f"multiple of 32")
+            Hr, Wr = _delegate_grid(H, W, r)
             x = self.sampler(x.transpose(1, 2).reshape(B, C, H, W)).flatten(2).transpose(1, 2)
         q, k, v = self.qkv(x).reshape(B, -1, 3, self.num_heads, self.head_dim).permute(
             2, 0, 3, 1, 4).unbind(0)
@@ -136,7 +153,7 @@ class GlobalSparseAttn(nn.Module):
             x = attn @ v
         x = x.transpose(1, 2).reshape(B, -1, C)
         if r > 1:
-            x = x.transpose(1, 2).reshape(B, C, H // r, W // r)
+            x = x.transpose(1, 2).reshape(B, C, Hr, Wr)
             x = self.norm(self.local_prop(x).flatten(2).transpose(1, 2))
         return self.proj_drop(self.proj(x))
 
@@ -207,12 +224,16 @@ def _per_stage(name: str, value, n: int) -> tuple:
 
 
 class EdgeVit(nn.Module):
-    """EdgeViT (EdgeViTs, ECCV 2022): four stages of LGL blocks, head BN -> avg pool -> Linear.
+    """EdgeViT (EdgeViTs, ECCV 2022): four stages of LGL blocks, head BN -> pool -> Linear.
 
     Args:
         in_chans: input image channels.
-        num_classes: classifier outputs; 0 gives pooled features from :meth:`forward`.
-        global_pool: ``"avg"`` (the only pooling EdgeViT uses).
+        num_classes: classifier outputs; 0 removes the classifier, so :meth:`forward` gives the
+            pooled features (or, with ``global_pool=''``, the normalised feature map).
+        global_pool: timm's global pooling of the head: ``"avg"`` (EdgeViT's), ``"max"``,
+            ``"avgmax"``, ``"catavgmax"`` (twice the features), their ``"fast"`` forms, or
+            ``""`` for none (then ``num_classes`` must be 0: the classifier is a Linear over
+            pooled features).
         embed_dims, depths: channels and number of LGL blocks per stage.
         head_dim: attention head width; a stage has ``embed_dim // head_dim`` heads.
         mlp_ratio: hidden width of every MLP relative to the stage width.
@@ -226,13 +247,13 @@ class EdgeVit(nn.Module):
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, global_pool: str = "avg",
                  embed_dims: Sequence[int] = (48, 96, 240, 384),
                  depths: Sequence[int] = (1, 2, 5, 3),
-                 head_dim: int = 48, mlp_ratio: float | Sequence[float] = 4.,
+                 head_dim: int = 48, mlp_ratio: Union[float, Sequence[float]] = 4.,
                  sr_ratios: Sequence[int] = (4, 2, 2, 1), patch_sizes: Sequence[int] = (4, 2, 2, 2),
-                 qkv_bias: bool = True, img_size: int | Sequence[int] = 224, drop_rate: float = 0.,
-                 proj_drop_rate: float = 0., attn_drop_rate: float = 0.,
+                 qkv_bias: bool = True, img_size: Union[int, Sequence[int]] = 224,
+                 drop_rate: float = 0., proj_drop_rate: float = 0., attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.):
         super().__init__()
-        self._check_pool(global_pool)
+        num_classes = check_num_classes(num_classes)
         n = len(embed_dims)
         depths = _per_stage("depths", depths, n)
         mlp_ratio = _per_stage("mlp_ratio", mlp_ratio, n)
@@ -251,11 +272,11 @@ class EdgeVit(nn.Module):
                              f"multiples of {step}")
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.global_pool = global_pool
         self.img_size = img_size
         self.embed_dims = tuple(embed_dims)
-        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.num_features = embed_dims[-1]
         self.drop_rate = drop_rate
+        self.grad_checkpointing = False
 
         dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(depths)]
         stages, prev, reduction = [], in_chans, 1
@@ -269,15 +290,22 @@ class EdgeVit(nn.Module):
             self.feature_info.append(dict(num_chs=prev, reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self.norm = nn.BatchNorm2d(self.num_features)
+        pool, head, self.head_hidden_size = self._make_head(num_classes, global_pool)
+        self.global_pool = pool
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = head
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _check_pool(global_pool):
-        if global_pool != "avg":
-            raise ValueError(f"global_pool={global_pool!r} is not supported; EdgeViT pools with "
-                             f"'avg'")
+    def _make_head(self, num_classes: int, global_pool: str):
+        """(pool, classifier, pooled width): timm's pooling, then a Linear (or Identity)."""
+        pool = _global_pool(global_pool, "EdgeViT")
+        if num_classes > 0 and not pool.pool_type:
+            raise ValueError(f"global_pool='' (no pooling) needs num_classes=0, got "
+                             f"num_classes={num_classes}: EdgeViT's classifier is a Linear over "
+                             f"pooled features")
+        width = self.num_features * pool.feat_mult()
+        head = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+        return pool, head, width
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -298,24 +326,95 @@ class EdgeVit(nn.Module):
                         (r"^norm", (99999,))])
 
     @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            self._check_pool(global_pool)
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier for ``num_classes`` (0: none) and, unless ``global_pool`` is None,
+        a new pooling (``''``: none, so :meth:`forward` gives the normalised feature map)."""
+        num_classes = check_num_classes(num_classes)
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        pool, head, width = self._make_head(num_classes, global_pool)
         if num_classes > 0:
-            self._init_weights(self.head)
+            self._init_weights(head)
+            ref = next(self.parameters())
+            head = head.to(device=ref.device, dtype=ref.dtype)
+        self.global_pool = pool.train(self.training)
+        self.head = head.train(self.training)
+        self.head_hidden_size = width
+        self.num_classes = num_classes
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The output of each stage (timm's protocol; feature level ``i`` is ``stages.i``).
+
+        Args:
+            indices: the last n levels if an int, all if None, those listed (negative from the
+                end) if a list.
+            norm: apply the head's BatchNorm to the last stage's map, where it is taken.
+            stop_early: stop after the last level asked for.
+            output_fmt: ``"NCHW"`` only.
+            intermediates_only: return only the list of maps.
+
+        Returns:
+            The maps, or ``(forward_features(x), maps)`` (the final map is the one reached when
+            stopping early).
+        """
+        check_output_fmt(output_fmt)
+        take, max_index = take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        stages = self.stages[:max_index + 1] if stop_early else self.stages
+        intermediates = []
+        for i, stage in enumerate(stages):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+            if i in take:
+                intermediates.append(self.norm(x) if norm and i == last else x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1,
+                                  prune_norm: bool = False, prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last level in ``indices`` (timm's protocol); returns the
+        absolute indices kept. The head's BatchNorm goes with ``prune_norm`` or when the last
+        stage goes (it is sized for it); the classifier and pooling go with ``prune_head`` or
+        then too (``reset_classifier(0, '')``)."""
+        take, max_index = take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` feature map of the last stage (before the head's BatchNorm)."""
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.stages, x)
         return self.stages(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.norm(x).mean((2, 3))
-        x = self.head_drop(x)
+        """BatchNorm, pooling, dropout, classifier; ``pre_logits``: stop before the classifier
+        (``(B, head_hidden_size)`` pooled features)."""
+        x = self.head_drop(self.global_pool(self.norm(x)))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -423,5 +522,6 @@ def edgevit_units(model: EdgeVit) -> list[UnitSpec]:
         for j in range(len(stage.blocks)):
             name = f"stages.{i}.blocks.{j}"
             specs.append(UnitSpec(name, "block", (name,), _block(i, j), "map"))
-    specs.append(UnitSpec("head", "head", ("norm", "head_drop", "head"), _head, "logits"))
+    specs.append(UnitSpec("head", "head", ("norm", "global_pool", "head_drop", "head"), _head,
+                          "logits"))
     return specs

@@ -3,22 +3,31 @@ parameters and <0.5MB model size", arXiv:1602.07360), registered with timm as ``
 and ``squeezenet1_1`` (importing ``lapdtr`` registers them).
 
 The module layout is torchvision's: ``features`` (a Sequential of conv, ReLU, max-pools and
-:class:`Fire` modules) and ``classifier`` = Dropout, 1x1 conv to ``num_classes``, ReLU,
-AdaptiveAvgPool2d(1). torchvision ``state_dict`` keys (``features.0.weight``,
-``features.3.squeeze.weight``, ``classifier.1.weight``) load unchanged, and the timm
-``pretrained_cfg`` points at torchvision's ImageNet weights, so ``pretrained=True`` downloads and
-loads them (where a network is available).
+:class:`Fire` modules) and ``classifier`` = Dropout, 1x1 conv to ``num_classes``, ReLU, global
+pool (timm's ``SelectAdaptivePool2d``, average by default as torchvision's
+``AdaptiveAvgPool2d(1)``; ``global_pool=''`` keeps the map). torchvision ``state_dict`` keys
+(``features.0.weight``, ``features.3.squeeze.weight``, ``classifier.1.weight``) load unchanged,
+and the timm ``pretrained_cfg`` points at torchvision's ImageNet weights, so ``pretrained=True``
+downloads and loads them (where a network is available).
 
 Parameters with 1000 classes: 1.0 has 1,248,424, 1.1 has 1,235,496.
+
+timm's model protocol: ``reset_classifier(num_classes, global_pool)``, ``forward_features`` /
+``forward_head(pre_logits=)``, ``forward_intermediates`` / ``prune_intermediate_layers`` (four
+feature levels: the stem and the maps before each later max-pool and at the end),
+``features_only=True``, ``torch.fx`` tracing and ``torch.jit.script`` (also of the FX graph).
 """
-from __future__ import annotations
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import (build_model_with_cfg, checkpoint_seq, generate_default_cfgs,
+                         register_model)
 
 from .base import UnitSpec, register_adapter
+from ._util import check_num_classes, check_output_fmt, global_pool as _global_pool, take_indices
 
 __all__ = ["Fire", "SqueezeNet", "squeezenet_units"]
 
@@ -62,11 +71,14 @@ class SqueezeNet(nn.Module):
 
     Args:
         version: ``"1_0"`` or ``"1_1"``.
-        num_classes: outputs of the final 1x1 conv; 0 makes :meth:`forward` return the pooled
-            512-channel features.
+        num_classes: outputs of the final 1x1 conv; 0 removes it (and its ReLU), so
+            :meth:`forward` returns the pooled 512-channel features.
         in_chans: input image channels.
         drop_rate: dropout before the final conv (0.5 as in the paper and torchvision).
-        global_pool: ``"avg"`` (the only pooling SqueezeNet uses).
+        global_pool: timm's global pooling, after the final conv: ``"avg"`` (SqueezeNet's),
+            ``"max"``, ``"avgmax"``, their ``"fast"`` forms, or ``""`` for none (then the output
+            is the map of class scores, or with ``num_classes=0`` the feature map).
+            ``"catavgmax"`` (twice the channels) only with ``num_classes=0``.
     """
 
     def __init__(self, version: str = "1_0", num_classes: int = 1000, in_chans: int = 3,
@@ -75,15 +87,15 @@ class SqueezeNet(nn.Module):
         if version not in _VERSIONS:
             raise ValueError(f"version={version!r} is not a SqueezeNet version; allowed: "
                              f"{', '.join(map(repr, _VERSIONS))}")
-        self._check_pool(global_pool)
+        num_classes = check_num_classes(num_classes)
         self.version = version
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.global_pool = global_pool
         self.drop_rate = drop_rate
+        self.grad_checkpointing = False
         stem_chs, stem_kernel, plan = _VERSIONS[version]
-        layers: list[nn.Module] = [nn.Conv2d(in_chans, stem_chs, kernel_size=stem_kernel, stride=2),
-                                   nn.ReLU(inplace=True)]
+        layers: List[nn.Module] = [nn.Conv2d(in_chans, stem_chs, kernel_size=stem_kernel,
+                                             stride=2), nn.ReLU(inplace=True)]
         chs, reduction = stem_chs, 2
         self.feature_info = [dict(num_chs=chs, reduction=reduction, module="features.1")]
         for item in plan:
@@ -98,51 +110,129 @@ class SqueezeNet(nn.Module):
                 chs = item[1] + item[2]
         self.feature_info.append(dict(num_chs=chs, reduction=reduction,
                                       module=f"features.{len(layers) - 1}"))
+        # index in ``features`` of each feature level, for forward_intermediates
+        self._feature_idx = [int(f["module"].split(".")[1]) for f in self.feature_info]
         self.features = nn.Sequential(*layers)
-        self.num_features = self.head_hidden_size = chs
-        self.classifier = nn.Sequential(nn.Dropout(p=drop_rate), self._final_conv(num_classes),
-                                        nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d((1, 1)))
+        self.num_features = chs
+        self.classifier = nn.Sequential(nn.Dropout(p=drop_rate), nn.Identity(), nn.Identity(),
+                                        nn.Identity())
+        self._set_head(num_classes, global_pool)  # also sets global_pool, head_hidden_size
         for m in self.features.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    @staticmethod
-    def _check_pool(global_pool):
-        if global_pool != "avg":
-            raise ValueError(f"global_pool={global_pool!r} is not supported; SqueezeNet pools "
-                             f"with 'avg'")
-
-    def _final_conv(self, num_classes: int) -> nn.Module:
-        if num_classes <= 0:
-            return nn.Identity()
-        conv = nn.Conv2d(self.num_features, num_classes, kernel_size=1)
-        nn.init.normal_(conv.weight, mean=0.0, std=0.01)
-        nn.init.zeros_(conv.bias)
-        return conv
+    def _set_head(self, num_classes: int, global_pool: str) -> None:
+        """``classifier[1:]``: the final conv and its ReLU (Identity for 0 classes), the pool."""
+        pool = _global_pool(global_pool, "SqueezeNet")
+        if num_classes > 0 and pool.feat_mult() != 1:
+            raise ValueError(f"global_pool={global_pool!r} doubles the channels it pools, which "
+                             f"needs num_classes=0: SqueezeNet's classifier is a conv before the "
+                             f"pool, and would give {2 * num_classes} outputs")
+        ref = self.classifier[0]
+        if num_classes > 0:
+            conv = nn.Conv2d(self.num_features, num_classes, kernel_size=1)
+            nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(conv.bias)
+            p = next(self.features.parameters(), None)
+            if p is not None:
+                conv = conv.to(device=p.device, dtype=p.dtype)
+            self.classifier[1] = conv
+            self.classifier[2] = nn.ReLU(inplace=True)
+        else:
+            self.classifier[1] = nn.Identity()
+            self.classifier[2] = nn.Identity()
+        self.classifier[3] = pool
+        for m in self.classifier[1:]:
+            m.train(ref.training)
+        self.num_classes = num_classes
+        self.global_pool = pool.pool_type
+        self.head_hidden_size = self.num_features * pool.feat_mult()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^features\.0", blocks=r"^features\.(\d+)")
 
     @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint each layer after the stem (whose in-place ReLU must not act on the output
+        of a checkpoint)."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.classifier[1]
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            self._check_pool(global_pool)
-        self.num_classes = num_classes
-        self.classifier[1] = self._final_conv(num_classes)
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new final conv for ``num_classes`` (0: none) and, unless ``global_pool`` is None, a
+        new pooling (``''``: none, so :meth:`forward` gives a map)."""
+        num_classes = check_num_classes(num_classes)
+        self._set_head(num_classes, self.global_pool if global_pool is None else global_pool)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The map of each feature level in ``feature_info`` (timm's protocol).
+
+        Args:
+            indices: the last n levels if an int, all if None, those listed (negative from the
+                end) if a list.
+            norm: no effect (SqueezeNet has no final norm); accepted for the protocol.
+            stop_early: stop after the last level asked for.
+            output_fmt: ``"NCHW"`` only.
+            intermediates_only: return only the list of maps.
+
+        Returns:
+            The maps, or ``(forward_features(x), maps)`` (the final map is the one reached when
+            stopping early).
+        """
+        check_output_fmt(output_fmt)
+        take, max_index = take_indices(len(self._feature_idx), indices)
+        take_layers = [self._feature_idx[i] for i in take]
+        end = self._feature_idx[max_index] + 1 if stop_early else len(self.features)
+        intermediates = []
+        for i, layer in enumerate(self.features[:end]):
+            if self.grad_checkpointing and i >= 2 and not torch.jit.is_scripting():
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+            if i in take_layers:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1,
+                                  prune_norm: bool = False, prune_head: bool = True) -> List[int]:
+        """Drop the layers after the last level in ``indices`` (timm's protocol); returns the
+        absolute indices kept. The classifier and pooling go with ``prune_head`` or when the last
+        layers go (``reset_classifier(0, '')``); ``prune_norm`` has nothing to prune."""
+        take, max_index = take_indices(len(self._feature_idx), indices)
+        prune_end = max_index < len(self._feature_idx) - 1
+        self.features = self.features[:self._feature_idx[max_index] + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and len(self.features) > 2 and not torch.jit.is_scripting():
+            return checkpoint_seq(self.features[2:], self.features[1](self.features[0](x)))
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Logits ``(B, num_classes)``; with ``pre_logits`` the pooled features ``(B, 512)``."""
+        """Scores ``(B, num_classes)``; with ``pre_logits`` the pooled features
+        ``(B, head_hidden_size)`` (dropout, pool)."""
         if pre_logits:
-            return self.classifier[3](x).flatten(1)
-        return self.classifier(x).flatten(1)
+            return self.classifier[3](self.classifier[0](x))
+        return self.classifier(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

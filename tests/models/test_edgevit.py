@@ -102,8 +102,12 @@ def test_forward_backward_and_options():
         assert model.get_classifier().out_features == 5 and model(x).shape == (2, 5)
         model.reset_classifier(0)
         assert model(x).shape == (2, 288)
-    with pytest.raises(ValueError, match="global_pool='max'"):
-        model.reset_classifier(3, global_pool="max")
+    with pytest.raises(ValueError, match="global_pool='median' is not a pooling EdgeViT"):
+        model.reset_classifier(3, global_pool="median")
+    with pytest.raises(ValueError, match="global_pool='' .* needs num_classes=0"):
+        model.reset_classifier(3, global_pool="")
+    with pytest.raises(ValueError, match="num_classes=-1 must be an integer >= 0"):
+        model.reset_classifier(-1)
 
 
 def test_state_dict_round_trip():

@@ -68,7 +68,8 @@ def test_layout_is_torchvisions():
         ["Conv2d", "ReLU", "MaxPool2d"] + ["Fire"] * 3 + ["MaxPool2d"] + ["Fire"] * 4
         + ["MaxPool2d", "Fire"])
     assert [type(layer).__name__ for layer in m.classifier] == ["Dropout", "Conv2d", "ReLU",
-                                                        "AdaptiveAvgPool2d"]
+                                                        "SelectAdaptivePool2d"]
+    assert isinstance(m.classifier[3].pool, torch.nn.AdaptiveAvgPool2d)  # torchvision's pool
     fire = m.features[3]
     assert isinstance(fire, Fire)
     assert list(fire._modules) == ["squeeze", "squeeze_activation", "expand1x1",
@@ -104,6 +105,12 @@ def test_options_and_classifier_reset():
         assert model(x).shape == (2, 512)
     with pytest.raises(ValueError, match="version='1_2' is not a SqueezeNet version"):
         SqueezeNet(version="1_2")
+    with pytest.raises(ValueError, match="global_pool='median' is not a pooling SqueezeNet"):
+        model.reset_classifier(3, global_pool="median")
+    with pytest.raises(ValueError, match="global_pool='catavgmax' doubles .* num_classes=0"):
+        model.reset_classifier(3, global_pool="catavgmax")
+    with pytest.raises(ValueError, match="num_classes=2.5 must be an integer >= 0"):
+        model.reset_classifier(2.5)
 
 
 def test_state_dict_round_trip():
