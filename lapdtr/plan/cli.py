@@ -131,6 +131,9 @@ def compare_strategies(prof, devices, *, max_devices: int, strategies=COMPARE_ST
                        objective="max-device-energy").meta["max_device_energy_j"]
     ks = list(range(1, max_devices + 1))
     res = {"model": prof.model, "num_devices": ks, "single_device_energy_j": base,
+           "energy_label": "modelled",
+           "energy_model": "Tang & Stefanov analytical model: unit FLOPs and bytes from the "
+                           "profile, device GFLOP/s, power and J/byte from the device file",
            "devices": [d.name for d in _devices_for(devices, max_devices)],
            "normalized": {}, "max_device_energy_j": {}, "errors": {}}
     for s in strategies:
@@ -167,7 +170,7 @@ def cmd_compare(args) -> int:
                              strategy_kwargs=kw)
     head = "devices " + " ".join(f"{s:>11}" for s in strategies)
     print(f"{prof.model}: max per-device energy / one device ({res['single_device_energy_j']:.4g} "
-          f"J/request)")
+          f"J/request), modelled ({res['energy_model']})")
     print(head)
     for j, k in enumerate(res["num_devices"]):
         cells = [res["normalized"][s][j] for s in strategies]
