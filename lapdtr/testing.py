@@ -66,6 +66,11 @@ def informative_weights_(model: nn.Module, *, seed: int = 0,
     for p in model.parameters():
         if p.is_floating_point() and p.numel() > 1 and bool((p == p.flatten()[0]).all()):
             p.copy_(draw(p.shape, "shift" if float(p.flatten()[0]) == 0.0 else "scale"))
+    # timm's EfficientViT-M and TinyViT attentions cache their bias tables in eval mode (keyed by
+    # device); switching to train mode clears those caches, which now hold the old biases
+    was_training = model.training
+    model.train(True)
+    model.train(was_training)
     if probe is not None and last is not None:
         model.eval()
         scale = 1.0 / float(_first_tensor(model(probe)).detach().abs().max())
