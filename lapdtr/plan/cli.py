@@ -75,8 +75,14 @@ def format_plan(plan) -> str:
     m = plan.meta
     out.append(f"total {m['total_energy_j']:.4g} J/request, max per device "
                f"{m['max_device_energy_j']:.4g} J, end-to-end latency {fmt_time(m['latency_s'])}"
-               f"{'' if m.get('exact', True) else ' (not proven optimal)'}")
+               f"{'' if m.get('exact', True) else _not_proven(m)}")
     return "\n".join(out)
+
+
+def _not_proven(meta) -> str:
+    if "gap" in meta and meta.get("lower_bound") is not None:
+        return f" (not proven optimal: at most {meta['gap']:.3%} above the optimum, certified)"
+    return " (not proven optimal)"
 
 
 def cmd_plan(args) -> int:

@@ -29,11 +29,13 @@ def make_model(n: int, seed: int = 0, *, name: str = "toy") -> ModelProfile:
 
 
 def make_devices(m: int, seed: int = 0, *, budget: bool = False, mem_scale: float = 1.0,
-                 uniform_links: bool = True) -> list[DeviceProfile]:
+                 uniform_links: bool = True, spread: float = 0.0) -> list[DeviceProfile]:
+    """``m`` random devices of a few speeds and powers (so some are identical); ``spread`` > 0
+    makes each distinct: ``gflops * (1 + spread * i)``."""
     r = random.Random(seed)
     devs = []
     for i in range(m):
-        gf = r.choice([20.0, 50.0, 200.0, 460.0])
+        gf = r.choice([20.0, 50.0, 200.0, 460.0]) * (1 + spread * i)
         d = DeviceProfile(
             name=f"dev{i}", kind="simulated", gflops=gf,
             memory_bytes=int(r.randint(3_000_000, 20_000_000) * mem_scale),
@@ -105,3 +107,47 @@ def exhaustive_vertical(model_profile, devices, **kw):
         if r is not None:
             best = min(best, max(e.energy_j for e in r[0]))
     return best
+
+
+def exhaustive_sequential(model_profile, devices, **kw):
+    """Best largest per-device energy over Tang & Stefanov's sequential partitions: min(n, m)
+    consecutive stages on devices 0, 1, ... in rank order, each device one non-empty stage."""
+    n, m = len(model_profile.units), len(devices)
+    k = min(n, m)
+    best = math.inf
+    for cuts in itertools.combinations(range(1, n), k - 1):
+        bounds = [0, *cuts, n]
+        a = [s for s in range(k) for _ in range(bounds[s], bounds[s + 1])]
+        r = feasible(model_profile, devices, a, **kw)
+        if r is not None:
+            best = min(best, max(e.energy_j for e in r[0]))
+    return best
+
+
+def plant_feasible(model_profile, devices, seed: int = 0, *, horizon: int = 1,
+                   sequential: bool = False) -> list[int]:
+    """Make the instance feasible by construction: draw a contiguous partition on distinct
+    devices (``sequential``: min(n, m) stages on devices 0, 1, ... in rank order) and raise each
+    device's memory and remaining energy, where short, to what its stage needs over ``horizon``
+    requests. Changes ``devices`` in place; returns the planted assignment."""
+    r = random.Random(seed)
+    n, m = len(model_profile.units), len(devices)
+    if sequential:
+        k = min(n, m)
+        order = list(range(k))
+    else:
+        k = r.randint(1, min(n, m))
+        order = r.sample(range(m), k)
+    cuts = sorted(r.sample(range(1, n), k - 1))
+    bounds = [0, *cuts, n]
+    assignment = [order[s] for s in range(k) for _ in range(bounds[s], bounds[s + 1])]
+    energies, _ = evaluate(model_profile, devices, assignment)
+    for d, e in zip(devices, energies):
+        if not e.units:
+            continue
+        if memory_limit(d) < e.memory_bytes:
+            d.memory_bytes = int(math.ceil(e.memory_bytes)) + 1
+        if d.energy_remaining_j is not None and usable_energy_j(d, horizon) < e.energy_j:
+            d.energy_remaining_j = (d.energy_min_j or 0.0) + e.energy_j * horizon * (1 + 1e-6)
+    assert feasible(model_profile, devices, assignment, horizon=horizon) is not None
+    return assignment

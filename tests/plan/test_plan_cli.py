@@ -85,3 +85,19 @@ def test_cli_errors_name_the_problem(devices_file, cache_dir, tmp_path, capsys):
     assert main(["plan", *_args(devices_file, cache_dir, "--strategy", "vertical",
                                "--objective", "latency")]) == 2
     assert "objective 'latency'" in capsys.readouterr().err
+
+
+def test_format_plan_states_a_certified_gap():
+    from lapdtr.plan import create_plan
+    from lapdtr.plan.cli import format_plan
+
+    from plan_instances import make_devices, make_model
+
+    mp = make_model(30, 21)
+    devices = make_devices(8, 21, spread=0.005, mem_scale=2.0)
+    exact = create_plan(mp, devices, strategy="lapdtr", objective="max-device-energy")
+    assert exact.meta["exact"] and "not proven" not in format_plan(exact)
+    stopped = create_plan(mp, devices, strategy="lapdtr", objective="max-device-energy",
+                          max_expansions=3)
+    assert not stopped.meta["exact"]
+    assert f"at most {stopped.meta['gap']:.3%} above the optimum" in format_plan(stopped)

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from lapdtr.plan import create_plan
 from lapdtr.plan.redistribute import RedistributionEvent, redistribute
 
-from plan_instances import make_devices, make_model
+from plan_instances import make_devices, make_model, plant_feasible
 
 
 def _setup(n=12, m=4, seed=0):
@@ -27,10 +27,8 @@ def test_hit_devices_hold_nothing_unless_no_plan_exists(n, m, seed, kind, k):
     devices = make_devices(m, seed, mem_scale=2.0)
     for d in devices:
         d.energy_budget_j, d.energy_remaining_j, d.energy_min_j = 100.0, 50.0, 1.0
-    try:
-        plan = create_plan(mp, devices, strategy="lapdtr")
-    except ValueError:
-        return
+    plant_feasible(mp, devices, seed)  # a first plan exists by construction
+    plan = create_plan(mp, devices, strategy="lapdtr")
     used = sorted({s.rank for s in plan.stages})
     hit = [devices[r].name for r in used[:k]]
     if kind == "low_energy":
@@ -40,6 +38,7 @@ def test_hit_devices_hold_nothing_unless_no_plan_exists(n, m, seed, kind, k):
     try:
         new = redistribute(plan, mp, devices, RedistributionEvent(kind, hit))
     except ValueError as e:
+        event("no plan without the hit devices")
         assert all(h in str(e) for h in hit)
         # no plan exists on the others: confirm with the planner itself
         rest = [d for d in devices if d.name not in hit]
@@ -48,6 +47,7 @@ def test_hit_devices_hold_nothing_unless_no_plan_exists(n, m, seed, kind, k):
                 raise ValueError("no devices")
             create_plan(mp, rest, strategy="lapdtr")
         return
+    event("redistributed")
     ranks = new.unit_to_rank()
     assert [u for s in new.stages for u in s.units] == [u.name for u in mp.units]
     assert not {devices[r].name for r in ranks.values()} & set(hit)
