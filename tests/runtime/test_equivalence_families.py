@@ -128,7 +128,11 @@ class _Case:
         save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
                   str(self.checkpoint), metadata={"model": self.model})
         with torch.no_grad():
-            self.reference = [model(x) for x in inputs]
+            # per micro-batch, as the ranks compute it: fp32 convolutions give results that
+            # depend on the batch size by ~1e-5 relative on these weights (the library picks
+            # its algorithm per shape), which is not what this test is about
+            self.reference = [torch.cat([model(mb) for mb in x.chunk(MICRO_BATCHES)])
+                              for x in inputs]
         # the comparison of the test would reject this model with any one unit skipped/perturbed
         self.visible = assert_sees_every_unit(model, inputs[0], self.reference[0],
                                               unit_list=self.units, rel=ATOL)
