@@ -105,6 +105,12 @@ MUTANTS = [
            "lapdtr/runtime/pipeline.py",
            "        inv[0] = {k: u for k, u in w.inventory().items()}", "        inv = {0: {}}",
            ("tests/runtime/test_pipeline.py::test_sigkill_middle_rank_mid_stream",)),
+    # ---- planner: an inadmissible heuristic (the energy relaxation overestimates by 50%)
+    Mutant("planner-inadmissible-heuristic",
+           "the lapdtr planner's A* heuristic is a lower bound (plans marked exact are optimal)",
+           "lapdtr/plan/lapdtr_dp.py", "    return h, nxt, cls", "    return h * 1.5, nxt, cls",
+           ("tests/plan/test_planners.py", "-k", "matches_exhaustive_search or "
+            "certified_lower_bound")),
     # ---- tensor split: a shard of the wrong hidden units (fc1's bias of rank 0's range)
     Mutant("tensor-mlp-wrong-bias-shard", "tensor split equals the unsharded model",
            "lapdtr/runtime/tensor.py",
