@@ -6,6 +6,8 @@ import abc
 import time
 from dataclasses import dataclass
 
+from .errors import DrainNotSupported
+
 
 @dataclass
 class Measurement:
@@ -21,8 +23,16 @@ class Measurement:
 class EnergyMeter(abc.ABC):
     """Energy consumed since start, current power, remaining budget.
 
-    ``measured`` is True when figures come from hardware, False when they are modelled.
+    ``measured`` is True when figures come from hardware, False when they are modelled;
+    ``label`` says so in a report (``measured``, ``modelled``; ``none`` for the null meter).
     ``budget_j`` is E_max (None: unlimited); ``remaining_j()`` is E_i = budget - consumed.
+
+    The runtime reports what a rank did through ``record_compute(time_s)``,
+    ``record_idle(time_s)`` and ``record_bytes(sent, received)``, to every meter alike: a meter
+    driven by a power model (``simulated``) draws energy for it, one that reads hardware ignores
+    it (the hardware saw the work). Each returns the joules it drew. ``drain(joules)`` removes
+    charge at once, only where ``can_drain`` (a simulated battery); elsewhere it raises
+    ``DrainNotSupported``.
     """
 
     measured: bool = False
@@ -46,6 +56,33 @@ class EnergyMeter(abc.ABC):
         if self.budget_j is None:
             return None
         return max(0.0, self.budget_j - self.energy_j())
+
+    @property
+    def label(self) -> str:
+        return "measured" if self.measured else "modelled"
+
+    def record_compute(self, time_s: float) -> float:
+        """``time_s`` seconds of computing; returns the joules drawn for it (here: none)."""
+        return 0.0
+
+    def record_idle(self, time_s: float) -> float:
+        """``time_s`` seconds of waiting; returns the joules drawn for it (here: none)."""
+        return 0.0
+
+    def record_bytes(self, sent: int = 0, received: int = 0) -> float:
+        """Bytes sent and received; returns the joules drawn for them (here: none)."""
+        return 0.0
+
+    @property
+    def can_drain(self) -> bool:
+        """Whether ``drain`` works on this meter (a battery that is modelled, not read)."""
+        return False
+
+    def drain(self, joules: float) -> float:
+        """Remove ``joules`` of charge at once (an injected drop); returns the joules drawn."""
+        raise DrainNotSupported(
+            f"energy meter {self.name!r} ({type(self).__name__}) cannot be drained: only a "
+            "meter whose can_drain is True (the 'simulated' battery) takes drain(joules)")
 
     def begin_window(self, name: str) -> None:
         self._windows[name] = (time.perf_counter(), self.energy_j())

@@ -23,3 +23,8 @@ class NvmlNotSupported(EnergyMeterError):
 
 class GpuLost(EnergyMeterError):
     """The GPU fell off the bus or stopped answering (NVML_ERROR_GPU_IS_LOST)."""
+
+
+class DrainNotSupported(EnergyMeterError):
+    """``drain(joules)`` on a meter that cannot be drained (one that reads hardware, or the null
+    meter); ``meter.can_drain`` says beforehand."""

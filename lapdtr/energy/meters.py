@@ -66,18 +66,20 @@ def create_meter(name: str, **kwargs) -> EnergyMeter:
 def create_meter_for_device(device: "DeviceProfile", **kwargs) -> EnergyMeter:
     """The meter ``device.meter`` names, charged from the device's E_max and E_i.
 
+    ``meter: null`` (the default, also a YAML null, i.e. ``None``) gives a ``NullMeter``.
     Meters with a ``from_device`` classmethod (``simulated``) build themselves from the profile;
     the others get ``budget_j=energy_budget_j`` and ``initial_j=energy_remaining_j`` where they
     take them. ``kwargs`` go to the meter (e.g. ``gpu_index`` for ``nvml``)."""
-    cls = get_meter_class(device.meter)
+    name = "null" if device.meter is None else device.meter
+    cls = get_meter_class(name)
     if hasattr(cls, "from_device"):
         return cls.from_device(device, **kwargs)
-    params = meter_arguments(device.meter)
+    params = meter_arguments(name)
     if "budget_j" in params:
         kwargs.setdefault("budget_j", device.energy_budget_j)
     if "initial_j" in params:
         kwargs.setdefault("initial_j", device.energy_remaining_j)
-    return create_meter(device.meter, **kwargs)
+    return create_meter(name, **kwargs)
 
 
 def synchronize_cuda() -> None:
@@ -135,9 +137,15 @@ class BudgetedMeter(EnergyMeter):
 
 @register_meter("null")
 class NullMeter(EnergyMeter):
-    """Where nothing can be measured or modelled: zero energy, zero power, no budget."""
+    """Where nothing can be measured or modelled: zero energy, zero power, no budget; every
+    ``record_*`` is a no-op and it cannot be drained. The runtime holds one for a device without
+    a meter instead of ``None``."""
 
     measured = False
+
+    @property
+    def label(self) -> str:
+        return "none"
 
     def __init__(self):
         super().__init__(None)

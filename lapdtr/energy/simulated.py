@@ -105,6 +105,10 @@ class SimulatedBattery(BudgetedMeter):
             self.bytes_received += received
         return self._draw(self.energy_per_byte_j * (sent + received))
 
+    @property
+    def can_drain(self) -> bool:
+        return True
+
     def drain(self, joules: float) -> float:
         """Remove ``joules`` of charge at once (an injected drop); returns the joules drawn."""
         joules = self._check("joules", joules)

@@ -24,10 +24,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .tensor import _DTYPES, _MAX_DIMS, broadcast_tensor
+from .tensor import broadcast_tensor
+from .wire import NO_CODE, describe_header, dtype_code, pack_header
 
 __all__ = ["register_aggregator", "list_aggregators", "get_aggregator", "aggregate",
-           "ensemble_reference", "run_ensemble", "weights_from_devices"]
+           "ensemble_reference", "run_ensemble", "check_outputs_agree", "weights_from_devices"]
 
 Aggregator = Callable[[list[torch.Tensor], "list[float] | None"], torch.Tensor]
 _AGGREGATORS: dict[str, Aggregator] = {}
@@ -180,19 +181,7 @@ def run_ensemble(models_or_model_for_rank, inputs: torch.Tensor | None, *, aggre
     with torch.no_grad():
         out = model(inputs).contiguous()
 
-    # exchange (dtype, ndim, shape) so a mismatch fails on every rank alike
-    header = torch.full((2 + _MAX_DIMS,), -1, dtype=torch.int64, device=out.device)
-    header[0] = _DTYPES.index(out.dtype) if out.dtype in _DTYPES else -1
-    header[1] = out.dim()
-    header[2:2 + min(out.dim(), _MAX_DIMS)] = torch.tensor(out.shape[:_MAX_DIMS])
-    headers = [torch.empty_like(header) for _ in range(world_size)]
-    dist.all_gather(headers, header, group=group)
-    if any(not torch.equal(h, headers[0]) for h in headers) or int(headers[0][0]) < 0:
-        desc = [f"rank {r}: {_DTYPES[int(h[0])] if h[0] >= 0 else 'unsupported dtype'} "
-                f"{[int(s) for s in h[2:2 + int(h[1])]]}" for r, h in enumerate(headers)]
-        raise ValueError("ensemble members' outputs must have one shape and dtype; got "
-                         + "; ".join(desc))
-
+    check_outputs_agree(out, rank=rank, world_size=world_size, group=group)
     if dst is None:
         parts = [torch.empty_like(out) for _ in range(world_size)]
         dist.all_gather(parts, out, group=group)
@@ -202,3 +191,22 @@ def run_ensemble(models_or_model_for_rank, inputs: torch.Tensor | None, *, aggre
         if rank != dst:
             return None
     return aggregate(parts, aggregator=aggregator, weights=weights)
+
+
+def check_outputs_agree(out: torch.Tensor, *, rank: int, world_size: int, group=None) -> None:
+    """All-gather every rank's output header (:mod:`lapdtr.runtime.wire`); outputs that differ
+    in dtype or shape, or a dtype that cannot be sent, raise a ``ValueError`` on every rank
+    (naming each rank's output) instead of leaving the gather to hang or fail on some."""
+    values = pack_header(out.dtype, out.shape, strict=False)
+    header = torch.tensor(values, dtype=torch.int64, device=out.device)
+    headers = [torch.empty_like(header) for _ in range(world_size)]
+    dist.all_gather(headers, header, group=group)
+    rows = [h.tolist() for h in headers]
+    if any(r != rows[0] for r in rows) or rows[0][0] == NO_CODE:
+        desc = [f"rank {r}: {describe_header(v)}" for r, v in enumerate(rows)]
+        try:
+            dtype_code(out.dtype)
+        except ValueError as e:
+            desc.append(f"on rank {rank}: {e}")
+        raise ValueError("ensemble members' outputs must have one shape and dtype; got "
+                         + "; ".join(desc))

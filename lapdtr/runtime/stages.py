@@ -67,22 +67,50 @@ def write_checkpoint(path: str | Path, model_name: str, *, model_kwargs: dict | 
     return path
 
 
-def checkpoint_keys(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of every tensor in a checkpoint, without loading the tensors."""
+def _existing_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} is not a file")
+    return path
+
+
+@contextlib.contextmanager
+def _read_errors(path: Path):
+    """Turn safetensors' errors on a broken file (garbage bytes, truncated, another format under
+    a .safetensors name) into a ``ValueError`` naming the file."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"checkpoint {str(path)!r} is not a safetensors file, or a damaged one "
+                         f"({type(e).__name__}: {e})") from e
+
+
+def checkpoint_keys(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor in a checkpoint, without loading the tensors."""
+    path = _existing_file(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
+        with _read_errors(path), safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     sd = _torch_load(path)
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
 def _torch_load(path: Path) -> dict:
-    sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    import zipfile
+
+    try:  # mmap needs the zip format torch.save writes by default; older files load without it
+        sd = torch.load(str(path), map_location="cpu", weights_only=True,
+                        mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # on garbage bytes the unpickler raises anything (KeyError, EOFError...)
+        raise ValueError(f"checkpoint {str(path)!r} is not a safetensors file (its name does not "
+                         "end in .safetensors) nor a torch checkpoint that torch.load reads with "
+                         f"weights_only=True ({type(e).__name__}: {e})") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
@@ -118,7 +146,7 @@ def _load_tensors(path: Path, keys: Sequence[str]) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
+        with _read_errors(path), safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in keys}
     sd = _torch_load(path)
     return {k: sd[k].clone() for k in keys}

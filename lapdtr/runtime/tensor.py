@@ -39,6 +39,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .wire import HEADER_LEN, NO_CODE, pack_header, unpack_header
+
 __all__ = [
     "split_counts", "split_ranges", "ShardedAttention", "ShardedMlp", "ShardedConv2d",
     "ShardedLinear", "shard_module", "apply_tensor_split", "run_tensor", "proportions_from_plan",
@@ -233,33 +235,38 @@ class _GatherOut(torch.autograd.Function):
         return g.narrow(ctx.dim, ctx.start, ctx.size).contiguous(), None, None, None, None
 
 
-_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
-           torch.uint8, torch.int8, torch.bool]
-_MAX_DIMS = 8
-
-
 def broadcast_tensor(x: torch.Tensor | None, *, src: int, group=None,
                      device: torch.device | str = "cpu") -> torch.Tensor:
     """Broadcast ``x`` from rank ``src``; other ranks pass ``None`` (or anything) and get a copy.
 
-    A fixed-size int64 header (dtype code, number of dims, shape) goes first, so receivers need
-    not know the shape; no pickle crosses the wire.
+    The tensor header of :mod:`lapdtr.runtime.wire` (dtype code, dims, shape) goes first, so
+    receivers need not know the shape; no pickle crosses the wire. The payload goes as raw
+    bytes, so every wire dtype crosses every backend. A source with nothing it can send (not a
+    tensor, a dtype outside the wire table, too many dims) says so in the header, and every rank
+    raises a ``ValueError`` instead of the others waiting for a payload.
     """
     me = dist.get_rank(group)
-    header = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64, device=device)
+    values, problem = [0] * HEADER_LEN, ""
     if me == src:
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"rank {src} is the source and must pass a tensor, got {type(x)}")
-        if x.dtype not in _DTYPES or x.dim() > _MAX_DIMS:
-            raise ValueError(f"cannot broadcast a {x.dtype} tensor of {x.dim()} dims; allowed "
-                             f"dtypes {_DTYPES}, at most {_MAX_DIMS} dims")
-        header[0], header[1] = _DTYPES.index(x.dtype), x.dim()
-        header[2:2 + x.dim()] = torch.tensor(x.shape, dtype=torch.int64)
+            problem = f"rank {src} is the source and must pass a tensor, got {type(x)}"
+            values[0] = NO_CODE
+        else:
+            try:
+                values = pack_header(x.dtype, x.shape)
+            except ValueError as e:
+                problem = f"rank {src} cannot broadcast its tensor: {e}"
+                values = pack_header(x.dtype, x.shape, strict=False)
+    header = torch.tensor(values, dtype=torch.int64, device=device)
     dist.broadcast(header, src=src, group=group)
-    dtype, ndim = _DTYPES[int(header[0])], int(header[1])
-    shape = [int(s) for s in header[2:2 + ndim]]
+    values = header.tolist()
+    try:
+        dtype, shape = unpack_header(values)
+    except ValueError as e:
+        raise ValueError(problem or f"broadcast from rank {src}: {e}") from None
     buf = x.to(device).contiguous() if me == src else torch.empty(shape, dtype=dtype, device=device)
-    dist.broadcast(buf, src=src, group=group)
+    if buf.numel():
+        dist.broadcast(buf.reshape(-1).view(torch.uint8), src=src, group=group)
     return buf
 
 

@@ -1,9 +1,10 @@
 """Boundary tensors rank to rank by ``torch.distributed`` point-to-point: header, then payload.
 
 A message is two point-to-point sends on the same (source, destination) pair: a fixed-size int64
-header (kind, generation, source rank, item, the unit the receiver starts at, dtype code, payload
-bytes, shape) on ``HEADER_TAG``, then the payload's bytes on ``PAYLOAD_TAG``. Per pair and tag,
-gloo delivers in order, so header ``i`` always goes with payload ``i``. Each rank runs one
+header (kind, generation, source rank, item, the unit the receiver starts at, payload bytes, then
+the tensor header of ``lapdtr.runtime.wire``: dtype code, dims, shape) on ``HEADER_TAG``, then
+the payload's bytes on ``PAYLOAD_TAG``. Per pair and tag, gloo delivers in order, so header
+``i`` always goes with payload ``i``. Each rank runs one
 receiver thread per peer rank, blocked in ``wait`` of that peer's next header (no polling, no
 store round trip). So shapes and dtypes may change per message, nothing is pickled, and no rank
 ever blocks its main loop on a peer that may have died: a dead peer only fails the receiver
@@ -64,21 +65,18 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-__all__ = ["DTYPE_CODES", "HEADER_TAG", "PAYLOAD_TAG", "MAX_DIMS", "Message", "Transport",
-           "BoundaryCache", "DATA", "CONTROL", "GONE"]
+from .wire import HEADER_LEN, MAX_DIMS, pack_header, unpack_header
 
-DTYPE_CODES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
-               torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
-_CODE = {d: i for i, d in enumerate(DTYPE_CODES)}
+__all__ = ["HEADER_TAG", "PAYLOAD_TAG", "MAX_DIMS", "Message", "Transport", "BoundaryCache",
+           "DATA", "CONTROL", "GONE"]
 
 HEADER_TAG = 1 << 30
 PAYLOAD_TAG = HEADER_TAG + 1
-MAX_DIMS = 8  # header: kind, gen, src, item, unit, dtype code, nbytes, ndim, shape[MAX_DIMS]
-_HEADER_LEN = 8 + MAX_DIMS
+_HEADER_LEN = 6 + HEADER_LEN  # kind, gen, src, item, unit, nbytes, then the tensor header
 _DATA, _BYE, _GROW, _CONTROL = 0, 1, 2, 3
 _SHRINK_AFTER = 16
 _SPARE = 8  # payload buffers a receiver keeps for reuse
-_ZEROS = [0] * _HEADER_LEN
+_NO_TENSOR = [0] * (_HEADER_LEN - 5)  # nbytes and tensor header of a header without payload
 DATA, CONTROL, GONE = "data", "control", "gone"  # Message.kind
 
 
@@ -145,14 +143,9 @@ class _Capacity:
 def _header(kind: int, gen: int, src: int, item: int = 0, unit: int = 0,
             x: torch.Tensor | None = None) -> torch.Tensor:
     if x is None:
-        h = [kind, gen, src, item, unit]
+        h = [kind, gen, src, item, unit, *_NO_TENSOR]
     else:
-        if x.dtype not in _CODE:
-            raise ValueError(f"boundary dtype {x.dtype} cannot be sent; allowed: {DTYPE_CODES}")
-        if x.dim() > MAX_DIMS:
-            raise ValueError(f"boundary tensor has {x.dim()} dims; at most {MAX_DIMS} allowed")
-        h = [kind, gen, src, item, unit, _CODE[x.dtype], _nbytes(x), x.dim(), *x.shape]
-    h += _ZEROS[:_HEADER_LEN - len(h)]
+        h = [kind, gen, src, item, unit, _nbytes(x), *pack_header(x.dtype, x.shape)]
     # a tensor over an array's buffer: a third of torch.tensor(list)'s time, on the hot path
     return torch.frombuffer(array.array("q", h), dtype=torch.int64)
 
@@ -352,7 +345,7 @@ class _Receiver(threading.Thread):
         while True:
             hw, h = self._recv(8 * _HEADER_LEN, HEADER_TAG, torch.int64)
             hw.wait()
-            kind, gen, _, item, unit, code, n, ndim, *shape = h.tolist()
+            kind, gen, _, item, unit, n, *tensor_header = h.tolist()
             if kind == _BYE:
                 if pw is not None:
                     pw.wait()
@@ -371,7 +364,8 @@ class _Receiver(threading.Thread):
                     pw.wait()
                 rw, raw = self._recv(n, PAYLOAD_TAG)
                 rw.wait()
-            x = raw.view(DTYPE_CODES[code]).view(shape[:ndim])
+            dtype, shape = unpack_header(tensor_header)
+            x = raw.view(dtype).view(shape)
             with t._lock:
                 t.bytes_received += n
                 t.messages_received += 1

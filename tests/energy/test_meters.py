@@ -1,14 +1,15 @@
 """Meter registry, the null and simulated meters, the power sampler and the Jetson rails meter
 (against a fake sysfs tree)."""
+import sys
 import threading
 import time
 
 import pytest
 
-from lapdtr.energy import (EnergyMeter, EnergyMeterError, JetsonMeter, NullMeter, PowerSampler,
-                           SensorUnavailable, SimulatedBattery, create_meter,
-                           create_meter_for_device, list_meters, register_meter)
-from lapdtr.energy import jetson, meters
+from lapdtr.energy import (DrainNotSupported, EnergyMeter, EnergyMeterError, JetsonMeter,
+                           NullMeter, PowerSampler, SensorUnavailable, SimulatedBattery,
+                           create_meter, create_meter_for_device, list_meters, register_meter)
+from lapdtr.energy import jetson, meters, nvml
 from lapdtr.profile.types import DeviceProfile
 
 # Arguments that let each registered meter be built on any machine (nvml is tested with a fake
@@ -69,6 +70,55 @@ def test_register_meter(monkeypatch):
 def test_null_meter():
     m = create_meter("null")
     assert (m.energy_j(), m.power_w(), m.remaining_j(), m.measured) == (0.0, 0.0, None, False)
+    assert m.label == "none" and m.can_drain is False
+    assert (m.record_compute(1.0), m.record_idle(2.0), m.record_bytes(sent=10, received=5),
+            m.record_bytes()) == (0.0, 0.0, 0.0, 0.0)
+    assert (m.energy_j(), m.remaining_j()) == (0.0, None)
+    with pytest.raises(DrainNotSupported, match=r"'null' \(NullMeter\) cannot be drained"):
+        m.drain(1.0)
+
+
+def _build(name, tmp_path, monkeypatch) -> EnergyMeter:
+    """A meter of every registered name, on any machine: jetson on a fake sysfs file, nvml on
+    the fake pynvml of test_nvml.py (a new meter adds its line here)."""
+    if name == "jetson":
+        return create_meter("jetson", rails={"VDD_IN": str(write(tmp_path / "p", 4000))},
+                            budget_j=100.0, sample_interval_s=0.01)
+    if name == "nvml":
+        from test_nvml import FakeNvml
+
+        monkeypatch.setattr(nvml, "_NVML", None)
+        monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(energy_mj=[7_000]))
+        return create_meter("nvml", budget_j=100.0)
+    return create_meter(name, **BUILDABLE[name])
+
+
+@pytest.mark.parametrize("name", list_meters())
+def test_every_meter_takes_the_runtime_records(name, tmp_path, monkeypatch):
+    """The runtime calls record_compute / record_idle / record_bytes on any meter, asks
+    can_drain before drain, and reports label: no meter may lack them or reject them."""
+    m = _build(name, tmp_path, monkeypatch)
+    try:
+        assert m.label == ("none" if name == "null" else "measured" if m.measured else "modelled")
+        e0 = m.energy_j()
+        drawn = [m.record_compute(0.5), m.record_idle(0.25), m.record_bytes(sent=1000, received=24),
+                 m.record_bytes(1000), m.record_bytes()]
+        assert all(isinstance(j, float) and j >= 0.0 for j in drawn), drawn
+        if m.measured or name == "null":  # hardware saw the work (or nothing counts): no draw
+            assert drawn == [0.0] * len(drawn)
+        else:  # a modelled meter draws for what it is told
+            assert sum(drawn) > 0.0 and m.energy_j() == pytest.approx(e0 + sum(drawn))
+        assert m.can_drain is (name == "simulated")  # a battery that is modelled, not read
+        if m.can_drain:
+            rem = m.remaining_j()
+            assert m.drain(1.0) == 1.0 and m.remaining_j() == pytest.approx(rem - 1.0)
+        else:
+            with pytest.raises(DrainNotSupported, match=rf"'{name}'.*cannot be drained"):
+                m.drain(1.0)
+            assert isinstance(DrainNotSupported("x"), EnergyMeterError)
+    finally:
+        m.close()
+
 
 
 # ---------------------------------------------------------------- simulated battery
@@ -179,6 +229,9 @@ def test_create_meter_for_device():
     m = create_meter_for_device(device())
     assert isinstance(m, SimulatedBattery) and m.remaining_j() == 3000.0
     assert isinstance(create_meter_for_device(device(meter="null")), NullMeter)
+    # ``meter: null`` in a YAML file is None; a profile without a meter has "null"
+    assert isinstance(create_meter_for_device(device(meter=None)), NullMeter)
+    assert create_meter_for_device(DeviceProfile(name="cpu0")).label == "none"
     with pytest.raises(ValueError, match="unknown energy meter 'rapl'"):
         create_meter_for_device(device(meter="rapl"))
 

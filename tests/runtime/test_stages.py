@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -86,3 +88,61 @@ def test_torch_checkpoint_loads_weights_only(tmp_path):
         ref = m(x)
         assert torch.equal(pm.run(x, 0, pm.num_units), ref)
     assert_sees_every_unit(m, x, ref, unit_list=pm.units)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("garbage.safetensors", bytes(range(256)) * 4),   # header length far past the file's end
+    ("empty.safetensors", b""),
+    ("text.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!"),
+])
+def test_checkpoint_that_is_not_safetensors_is_named(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    host, _ = build_host("deit_tiny_patch16_224", {"depth": 1})
+    with pytest.raises(ValueError, match=rf"checkpoint '.*{name}' is not a safetensors file"):
+        check_checkpoint(path, host, "deit_tiny_patch16_224")
+    with pytest.raises(ValueError, match=rf"'.*{name}' is not a safetensors file"):
+        RankModel("deit_tiny_patch16_224", path, model_kwargs={"depth": 1}).load_units(["embed"])
+
+
+def test_truncated_safetensors_is_named(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "w.safetensors", "deit_tiny_patch16_224",
+                            model_kwargs={"depth": 1})
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(ckpt.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=r"'.*cut.safetensors' is not a safetensors file, or a "
+                                         r"damaged one \(SafetensorError"):
+        RankModel("deit_tiny_patch16_224", cut, model_kwargs={"depth": 1}).load_units(["embed"])
+
+
+def test_torch_checkpoint_of_garbage_is_named(tmp_path):
+    host, _ = build_host("deit_tiny_patch16_224", {"depth": 1})
+    for name, content in (("g.pth", bytes(range(256))), ("t.pt", b"hello"), ("e.bin", b"")):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=rf"'.*{name}' is not a safetensors file .*nor a torch "
+                                             r"checkpoint"):
+            check_checkpoint(path, host, "deit_tiny_patch16_224")
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    host, _ = build_host("deit_tiny_patch16_224", {"depth": 1})
+    for path in (tmp_path / "none.safetensors", tmp_path / "none.pth"):
+        with pytest.raises(ValueError, match=f"checkpoint '{re.escape(str(path))}' does not exist"):
+            check_checkpoint(path, host, "deit_tiny_patch16_224")
+    with pytest.raises(ValueError, match=f"checkpoint '{re.escape(str(tmp_path))}' is not a "
+                                         "file"):
+        check_checkpoint(tmp_path, host, "deit_tiny_patch16_224")
+
+
+def test_legacy_torch_checkpoint_loads(tmp_path):
+    """A torch file in the pre-1.6 format cannot be memory-mapped: it loads without mmap."""
+    torch.manual_seed(0)
+    m = lapdtr.create_model("deit_tiny_patch16_224", depth=1)
+    path = tmp_path / "old.pth"
+    torch.save(m.state_dict(), path, _use_new_zipfile_serialization=False)
+    pm = RankModel("deit_tiny_patch16_224", path, model_kwargs={"depth": 1})
+    pm.load_units([u.name for u in pm.units])
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(pm.run(x, 0, pm.num_units), m(x))
