@@ -1,4 +1,5 @@
-"""The ``lapdtr`` command: ``models``, ``profile``, ``plan``, ``compare``, ``run``, ``demo``."""
+"""The ``lapdtr`` command: ``models``, ``profile``, ``plan``, ``compare``, ``run``, ``demo``,
+``launch``."""
 from __future__ import annotations
 
 import argparse
@@ -54,6 +55,23 @@ def _cmd_profile(args) -> int:
     return 0
 
 
+def _cmd_launch(args) -> int:
+    from .runtime.launcher import launch
+
+    if not args.target:
+        raise ValueError("name the script to run per rank (lapdtr launch --nproc N script.py "
+                         "ARGS, or -m module ARGS)")
+    if args.module:
+        cmd = ["-m", args.target, *args.args]
+    else:
+        if not Path(args.target).is_file():
+            raise ValueError(f"script {args.target} does not exist (cwd {Path.cwd()})")
+        cmd = [sys.executable, args.target, *args.args]
+    return launch(cmd, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                  master=args.master, driver=args.driver, grace_s=args.grace_s,
+                  log_dir=args.log_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -75,6 +93,31 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--cache-dir", default=None, help="profile cache (default ~/.cache/lapdtr)")
     pr.add_argument("--no-cache", action="store_true", help="always measure afresh")
     pr.set_defaults(func=_cmd_profile)
+
+    la = sub.add_parser(
+        "launch", help="run a script on N ranks that survive each other (torchrun-like)",
+        description="Run python SCRIPT ARGS (or python -m MODULE ARGS) on --nproc local ranks "
+                    "with torchrun's environment; node 0 hosts the TCPStore on MASTER_PORT, so it "
+                    "outlives every rank. A rank dying is logged and the others keep running; the "
+                    "exit status is the driver's (rank 0 unless --driver).")
+    la.add_argument("--nproc", "--nproc-per-node", dest="nproc", type=int, required=True,
+                    help="ranks on this node")
+    la.add_argument("--nnodes", type=int, default=1, help="nodes (default 1)")
+    la.add_argument("--node-rank", dest="node_rank", type=int, default=0,
+                    help="this node's rank, 0..nnodes-1 (default 0)")
+    la.add_argument("--master", default=None, help="HOST:PORT of node 0's store (needed with "
+                    "--nnodes > 1; default 127.0.0.1 and a free port)")
+    la.add_argument("--driver", type=int, default=None,
+                    help="global rank whose exit ends the run (default $LAPDTR_DRIVER, else 0)")
+    la.add_argument("--grace-s", dest="grace_s", type=float, default=10.0,
+                    help="seconds the other ranks get after the driver exits (default 10)")
+    la.add_argument("--log-dir", dest="log_dir", default=None,
+                    help="write each rank's output to DIR/rank{N}.log")
+    la.add_argument("-m", "--module", action="store_true",
+                    help="run the target as a module (python -m)")
+    la.add_argument("target", nargs="?", metavar="script.py", help="the script (or module)")
+    la.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    la.set_defaults(func=_cmd_launch)
 
     for mod in ("lapdtr.plan.cli", "lapdtr.runtime.cli"):
         _register(sub, mod)  # plan, compare / run, demo
