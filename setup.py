@@ -14,7 +14,7 @@ setup(
     package_data={"lapdtr.configs": ["*.yaml", "devices/*.yaml"]},
     install_requires=[
         "torch>=2.4", "timm>=1.0.15", "torchvision", "numpy", "scipy", "pyyaml", "safetensors",
-        "matplotlib", "tqdm", "psutil",
+        "matplotlib", "tqdm", "psutil", "scikit-learn",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout", "hypothesis", "nvidia-ml-py"],

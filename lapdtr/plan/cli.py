@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from .cost import OBJECTIVES
+from .idle import IdleRanksWarning
 
 __all__ = ["add_plan_commands", "main", "cmd_plan", "cmd_compare", "compare_strategies",
            "COMPARE_STRATEGIES"]
@@ -119,7 +121,7 @@ def _devices_for(devices, k: int):
         ref = next((l for dev in devices for l in dev.links), None)
         for d in out:
             if ref is not None:
-                d.links = [LinkProfile("*", ref.bandwidth_bps, ref.latency_s)]
+                d.links = [LinkProfile("*", ref.bytes_per_s, ref.latency_s)]
     return out
 
 
@@ -148,8 +150,10 @@ def compare_strategies(prof, devices, *, max_devices: int, strategies=COMPARE_ST
         vals, absolute = [], []
         for k in ks:
             try:
-                p = create_plan(prof, _devices_for(devices, k), strategy=s, objective=objective,
-                                **strategy_kwargs.get(s, {}))
+                with warnings.catch_warnings():  # the sweep reports energies, not idle ranks
+                    warnings.simplefilter("ignore", IdleRanksWarning)
+                    p = create_plan(prof, _devices_for(devices, k), strategy=s,
+                                    objective=objective, **strategy_kwargs.get(s, {}))
                 e = p.meta["max_device_energy_j"]
                 vals.append(e / base)
                 absolute.append(e)

@@ -7,7 +7,12 @@ Per request (one input of the profile's batch) on device ``d``:
 - communication: the bytes crossing a stage boundary go over the link between the two devices
   (``LinkProfile``: latency + bytes / bandwidth) and cost ``energy_per_byte_j`` on the sender and
   on the receiver;
-- memory: the parameter bytes of the units held plus the largest peak activation of those units.
+- memory: the parameter bytes of the units held plus the largest peak activation of those units;
+- period (``meta['period_s']``): the largest of every stage's compute time and every boundary's
+  transfer time — the pipeline's steady-state time per request (objective ``throughput``).
+
+A plan that sends between two devices without a link between them is a ``MissingLinkError``
+naming both and the fix, not an infeasible plan.
 
 The per-device arithmetic lives in :mod:`lapdtr.energy.analytical` (Tang & Stefanov's equations);
 this module turns it into ``DevicePrediction`` rows and checks inputs.
@@ -18,14 +23,74 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..energy.analytical import DeviceEnergy, placement_energy
+from ..energy.analytical import DeviceEnergy, find_link, placement_energy
 from .types import DevicePrediction, Plan, StagePlan
 
-__all__ = ["Constraints", "OBJECTIVES", "memory_limit", "usable_energy_j", "validate_inputs",
+__all__ = ["Constraints", "OBJECTIVES", "MissingLinkError", "missing_links", "check_links",
+           "pipeline_period_s", "memory_limit", "usable_energy_j", "validate_inputs",
            "to_predictions", "predict_assignment", "build_pipeline_plan", "stages_from_assignment",
            "plan_totals", "check_units_fit"]
 
-OBJECTIVES = ("energy", "max-device-energy", "latency")
+# energy: total J per request; max-device-energy: the largest device's J; latency: end-to-end s
+# of one request; throughput: the pipeline's period (its slowest stage or transfer), so requests/s
+OBJECTIVES = ("energy", "max-device-energy", "latency", "throughput")
+
+
+class MissingLinkError(ValueError):
+    """A plan needs a transfer between two devices that have no link (``pairs``: their names)."""
+
+    def __init__(self, pairs):
+        self.pairs = [tuple(p) for p in pairs]
+        a, b = self.pairs[0]
+        names = "; ".join(f"{x!r} and {y!r}" for x, y in self.pairs)
+        super().__init__(
+            f"no link between devices {names}: a plan sends activations between them and the "
+            "planner needs each link's bandwidth and latency. Add a 'links' entry to the device "
+            f"file, e.g. '- {{a: {a}, b: {b}, bandwidth: 1Gbps, latency_ms: 0.2}}', or a "
+            "'default_link' for every pair not listed (in Python: a LinkProfile(peer="
+            f"{b!r}, bytes_per_s=..., latency_s=...) in the links of {a!r})")
+
+
+def missing_links(devices, among=None) -> list[tuple[int, int]]:
+    """Index pairs ``(i, j)``, ``i < j``, of ``devices`` (restricted to ``among``) with no link."""
+    idx = sorted(range(len(devices)) if among is None else among)
+    return [(i, j) for k, i in enumerate(idx) for j in idx[k + 1:]
+            if find_link(devices, i, j) is None]
+
+
+def check_links(devices, assignment: Sequence[int]) -> None:
+    """``MissingLinkError`` when consecutive stages of ``assignment`` sit on unlinked devices."""
+    pairs = []
+    for p, d in zip(assignment, assignment[1:]):
+        if p != d and find_link(devices, p, d) is None:
+            pair = (devices[min(p, d)].name, devices[max(p, d)].name)
+            if pair not in pairs:
+                pairs.append(pair)
+    if pairs:
+        raise MissingLinkError(pairs)
+
+
+def _transfer_s(devices, a: int, b: int, nbytes: float) -> float:
+    link = find_link(devices, a, b)
+    if link is None:
+        raise MissingLinkError([(devices[a].name, devices[b].name)])
+    return link.latency_s + nbytes / link.bytes_per_s
+
+
+def pipeline_period_s(model_profile, devices, assignment: Sequence[int]) -> float:
+    """The period of a pipeline assignment: the largest stage compute time (``flops / (gflops *
+    1e9)``) or boundary transfer time (link latency + the next stage's input bytes / bytes/s)."""
+    units = model_profile.units
+    best, flops = 0.0, 0.0
+    for i, d in enumerate(assignment):
+        if i > 0 and assignment[i - 1] != d:
+            best = max(best, flops / (devices[assignment[i - 1]].gflops * 1e9),
+                       _transfer_s(devices, assignment[i - 1], d, units[i].in_bytes))
+            flops = 0.0
+        flops += units[i].flops
+    if assignment:
+        best = max(best, flops / (devices[assignment[-1]].gflops * 1e9))
+    return best
 
 
 @dataclass
@@ -141,8 +206,10 @@ def plan_totals(predictions: Sequence[DevicePrediction], latency_s: float) -> di
 
 def build_pipeline_plan(model_profile, devices, assignment: Sequence[int], *, strategy: str,
                         constraints: Constraints, meta: dict | None = None) -> Plan:
+    check_links(devices, assignment)
     preds, latency = predict_assignment(model_profile, devices, assignment)
     m = dict(plan_totals(preds, latency))
+    m["period_s"] = pipeline_period_s(model_profile, devices, assignment)
     m.update(meta or {})
     m.setdefault("horizon_requests", constraints.horizon_requests)
     return Plan(model=model_profile.model, strategy=strategy, devices=[d.name for d in devices],

@@ -62,6 +62,7 @@ certified gap of a few percent.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
@@ -69,9 +70,10 @@ import math
 import numpy as np
 
 from ..energy.analytical import find_link
-from .cost import (Constraints, build_pipeline_plan, check_units_fit, memory_limit,
-                   usable_energy_j)
+from .cost import (Constraints, MissingLinkError, build_pipeline_plan, check_units_fit,
+                   memory_limit, missing_links, usable_energy_j)
 from .registry import register_planner
+from .throughput import solve_ordered_throughput, solve_throughput
 
 __all__ = ["Instance", "SolveResult", "solve", "solve_contiguous", "solve_ordered", "plan_lapdtr",
            "plan_sequential"]
@@ -109,7 +111,8 @@ class Instance:
         self.weight = np.ones(m) if weights is None else np.asarray(weights, dtype=np.float64)
         self.period = 1.0 / cons.throughput_target if cons.throughput_target else math.inf
         if latency_matters is None:
-            latency_matters = (cons.objective == "latency" or cons.latency_target_s is not None
+            latency_matters = (cons.objective in ("latency", "throughput")
+                               or cons.latency_target_s is not None
                                or cons.throughput_target is not None)
         self.latency_matters = latency_matters
         # links: latency and bandwidth between every pair (inf time when no link is listed)
@@ -124,7 +127,7 @@ class Instance:
                     if link is None:
                         lat[a, b], bw[a, b] = np.inf, 1.0
                     else:
-                        lat[a, b], bw[a, b] = link.latency_s, link.bandwidth_bps
+                        lat[a, b], bw[a, b] = link.latency_s, link.bytes_per_s
         self.lat, self.bw = lat, bw
         off = ~np.eye(m, dtype=bool)
         self.uniform_links = bool(m <= 1 or (np.all(lat[off] == lat[off][0])
@@ -1602,6 +1605,70 @@ def _infeasible(model_profile, devices, cons):
         + (f" (below E_min: {', '.join(low)})" if low else ""))
 
 
+def _objective_of(inst: Instance, assignment) -> float | None:
+    """What ``inst`` minimizes, for ``assignment`` (None when it breaks a constraint)."""
+    ev = inst.evaluate(assignment)
+    if ev is None:
+        return None
+    return {"energy": ev[0], "max-device-energy": ev[1], "latency": ev[2]}[inst.cons.objective]
+
+
+def _busier_tie(model_profile, devices, cons: Constraints, inst: Instance, r, exclude, weights):
+    """Among plans as good as ``r`` under ``cons.objective``, one that leaves fewer devices idle:
+    the least-period plan, when it ties (e.g. every device costs 0 J). None when there is none,
+    or when the exact least-period solve would be large."""
+    used = len(set(r.assignment))
+    alive = [i for i in range(inst.m) if inst.budget[i] > -np.inf]
+    if used >= min(len(alive), inst.n):
+        return None
+    work = (inst.n + 1) * math.prod(len(c) + 1 for c in inst.classes) * len(inst.classes)
+    if work > 20_000:  # the least-period instance has at least these states: too large here
+        return None
+    tcons = Constraints(objective="throughput", latency_target_s=cons.latency_target_s,
+                        throughput_target=cons.throughput_target,
+                        horizon_requests=cons.horizon_requests)
+    tinst = Instance(model_profile, devices, tcons, exclude=exclude, weights=weights)
+    t = solve_throughput(tinst, max_work=20_000, exact_only=True)
+    if t is None or t.assignment is None or len(set(t.assignment)) <= used:
+        return None
+    v = _objective_of(inst, t.assignment)
+    if v is None or v > r.objective_value * (1 + _REL) + 1e-300:
+        return None
+    return t.assignment
+
+
+def _solve(inst: Instance, *, gap_tol=0.0, max_expansions=200_000, max_pending=1_000_000):
+    if inst.cons.objective == "throughput":
+        return solve_throughput(inst)
+    return solve(inst, gap_tol=gap_tol, max_expansions=max_expansions, max_pending=max_pending)
+
+
+def _check_links(model_profile, devices, cons: Constraints, inst: Instance, r, exclude, weights,
+                 **kw) -> None:
+    """Links the objective depends on but the devices lack: plan as if the unlinked pairs of the
+    devices that may hold units were joined by free links; when that finds a plan where there was
+    none, or a better one, the missing links decide the plan: a ``MissingLinkError`` naming the
+    pairs it crosses."""
+    from ..profile.types import LinkProfile
+
+    alive = [i for i in range(len(devices)) if inst.budget[i] > -np.inf]
+    pairs = missing_links(devices, alive)
+    if not pairs:
+        return
+    patched = [dataclasses.replace(d, links=list(d.links)) for d in devices]
+    for i, j in pairs:
+        patched[i].links.append(LinkProfile(peer=devices[j].name, bytes_per_s=math.inf,
+                                            latency_s=0.0))
+    rp = _solve(Instance(model_profile, patched, cons, exclude=exclude, weights=weights), **kw)
+    if rp.assignment is None:
+        return  # links are not what is missing
+    if r.assignment is not None and rp.objective_value >= r.objective_value * (1 - _REL):
+        return  # the links would not improve the plan
+    need = {(min(p, d), max(p, d)) for p, d in zip(rp.assignment, rp.assignment[1:]) if p != d}
+    crossed = [p for p in pairs if p in need] or pairs
+    raise MissingLinkError([(devices[i].name, devices[j].name) for i, j in crossed])
+
+
 @register_planner("lapdtr")
 def plan_lapdtr(model_profile, devices, cons: Constraints, *, max_expansions: int = 200_000,
                 max_pending: int = 1_000_000, gap_tol: float = 0.0, exclude=(), weights=None,
@@ -1610,32 +1677,64 @@ def plan_lapdtr(model_profile, devices, cons: Constraints, *, max_expansions: in
     the certified ``gap_tol``; meta ``exact``, ``lower_bound``, ``gap``).
 
     ``exclude``: device indices that may hold nothing; ``weights``: per-device multipliers of the
-    energy in the objective (redistribution's penalty), budgets still use true energy."""
+    energy in the objective (redistribution's penalty; of the compute time for ``throughput``),
+    budgets still use true energy. Objective ``throughput`` is solved by
+    :func:`lapdtr.plan.throughput.solve_throughput`. For the other objectives, when the optimum
+    leaves devices idle and the least-period plan is as good, that plan is taken (meta
+    ``tie_break``): a device is left idle only when the objective prefers it."""
     inst = Instance(model_profile, devices, cons, exclude=exclude, weights=weights)
-    r = solve(inst, gap_tol=gap_tol, max_expansions=max_expansions, max_pending=max_pending)
+    kw = {"gap_tol": gap_tol, "max_expansions": max_expansions, "max_pending": max_pending}
+    r = _solve(inst, **kw)
+    if inst.latency_matters:
+        _check_links(model_profile, devices, cons, inst, r, exclude, weights, **kw)
     if r.assignment is None:
+        if not r.exact and cons.objective == "throughput":
+            raise ValueError(
+                "no plan found by the least-period heuristic (too many distinct devices for the "
+                "exact DP) and none proven impossible; check memory and energy budgets, or "
+                "group identical devices")
         if not r.exact:  # the search stopped before finding a plan or proving there is none
             raise ValueError(
                 "no plan found within the search limits (max_expansions="
                 f"{max_expansions}, max_pending={max_pending}) and none proven impossible; "
                 "raise the limits or gap_tol")
         _infeasible(model_profile, devices, cons)
+    assignment = r.assignment
     meta = {"solver": r.solver, "exact": bool(r.exact), "lower_bound": float(r.lower_bound),
             "objective_value": float(r.objective_value), "gap": float(r.gap),
-            "gap_tol": float(gap_tol), "expansions": r.stats["expansions"],
+            "gap_tol": float(gap_tol), "expansions": r.stats.get("expansions", 0),
             "device_classes": len(inst.classes)}
-    return build_pipeline_plan(model_profile, devices, r.assignment, strategy=strategy,
+    if cons.objective != "throughput":
+        busy = _busier_tie(model_profile, devices, cons, inst, r, exclude, weights)
+        if busy is not None:
+            assignment = busy
+            meta["objective_value"] = float(_objective_of(inst, busy))
+            meta["tie_break"] = "least period among the optimal plans"
+    return build_pipeline_plan(model_profile, devices, assignment, strategy=strategy,
                                constraints=cons, meta=meta)
 
 
-@register_planner("sequential", objectives=("max-device-energy", "energy", "latency"))
+@register_planner("sequential", objectives=("max-device-energy", "energy", "latency",
+                                            "throughput"))
 def plan_sequential(model_profile, devices, cons: Constraints):
     """Tang & Stefanov's sequential partitioning: one run of consecutive units per device, in rank
-    order, every device used (while there are units), minimizing the largest per-device energy."""
+    order, every device used (while there are units), minimizing the largest per-device energy
+    (or the objective asked: ``throughput`` minimizes the pipeline's period)."""
     inst = Instance(model_profile, devices, cons)
     k = min(inst.m, inst.n)
-    assignment = solve_ordered(inst, list(range(k)), use_all=True)
+    if cons.objective == "throughput":
+        assignment = solve_ordered_throughput(inst, list(range(k)))
+    else:
+        assignment = solve_ordered(inst, list(range(k)), use_all=True)
     if assignment is None:
+        _link_diagnosis_ordered(devices, k)
         _infeasible(model_profile, devices, cons)
     return build_pipeline_plan(model_profile, devices, assignment, strategy="sequential",
                                constraints=cons, meta={"solver": "ordered-dp", "exact": True})
+
+
+def _link_diagnosis_ordered(devices, k: int) -> None:
+    pairs = [(devices[i].name, devices[i + 1].name) for i in range(k - 1)
+             if find_link(devices, i, i + 1) is None]
+    if pairs:
+        raise MissingLinkError(pairs)

@@ -7,18 +7,28 @@ on device i counts ``1 + lambda * E_mean / E_i`` times (E_i remaining energy, E_
 the candidate devices with a battery; devices without an energy limit weigh 1), solved exactly by
 the ``lapdtr`` search. Budgets and predictions use the true energy.
 
+For objective ``throughput`` the weight multiplies a device's compute time instead, so a device
+low on energy gets shorter stages.
+
 Rules: a failed device and every device whose remaining energy is below its ``energy_min_j`` hold
 no units; if no plan exists without them that is a ``ValueError`` naming them. An overloaded
 device is left out when a plan exists without it, and otherwise kept at a tenfold penalty.
 Surviving devices keep their ranks (the runtime keeps its processes); ``meta['moves']`` lists the
 units that change rank.
+
+The re-plan keeps the plan's objective; a plan made without one (from cuts: ``objective
+"none"``) is re-planned for ``throughput``, so the survivors share the work. Survivors stay busy
+unless the objective prefers otherwise (the planner takes the least-period plan among equally good
+ones); survivors left idle get an ``IdleRanksWarning``. A transfer between survivors that have no
+link is a ``MissingLinkError`` naming them, not "no plan exists".
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-from .cost import OBJECTIVES, Constraints, validate_inputs
+from .cost import OBJECTIVES, Constraints, MissingLinkError, validate_inputs
+from .idle import idle_ranks, warn_idle
 from .lapdtr_dp import plan_lapdtr
 from .types import Plan
 
@@ -93,7 +103,7 @@ def redistribute(plan: Plan, model_profile, devices, event: RedistributionEvent,
         e = d.energy_remaining_j
         weights.append(1.0 if e is None else 1.0 + lam * mean_e / max(e, 1e-12))
 
-    objective = plan.objective if plan.objective in OBJECTIVES else "energy"
+    objective = plan.objective if plan.objective in OBJECTIVES else "throughput"
     cons = Constraints(objective=objective,
                        horizon_requests=int(plan.meta.get("horizon_requests", 1)))
     attempts = [sorted(hard | soft)]
@@ -108,6 +118,8 @@ def redistribute(plan: Plan, model_profile, devices, event: RedistributionEvent,
         try:
             new = plan_lapdtr(model_profile, devices, cons, exclude=exclude, weights=w)
             break
+        except MissingLinkError:
+            raise
         except ValueError:
             continue
     if new is None:
@@ -121,4 +133,7 @@ def redistribute(plan: Plan, model_profile, devices, event: RedistributionEvent,
         "excluded": [names[i] for i in sorted(hard)],
         "penalized": [names[i] for i in sorted(soft)],
         "lam": lam, "moves": unit_moves(plan, new)})
+    idle = idle_ranks(new, len(devices))
+    new.meta["idle_ranks"] = idle
+    warn_idle(new, devices, [r for r in idle if r not in hard], available=len(devices) - len(hard))
     return new

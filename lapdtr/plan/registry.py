@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .cost import OBJECTIVES, Constraints, validate_inputs
+from .idle import idle_ranks, warn_idle
 from .types import Plan
 
 __all__ = ["PlannerInfo", "register_planner", "list_planners", "get_planner", "create_plan"]
@@ -72,7 +73,13 @@ def create_plan(model_profile, devices, *, strategy: str = "lapdtr", objective: 
     """Plan ``model_profile`` onto ``devices`` (list order = rank order) with ``strategy``.
 
     Unknown strategies or objectives, bad device figures, and memory that no device has are
-    ``ValueError``s naming the culprit. Extra keywords go to the planner.
+    ``ValueError``s naming the culprit; a transfer between devices without a link is a
+    ``MissingLinkError`` naming both. A plan that leaves devices idle says so with an
+    ``IdleRanksWarning`` (and ``meta['idle_ranks']``). Extra keywords go to the planner.
+
+    Objectives: ``energy`` (total J per request), ``max-device-energy`` (the largest device's J),
+    ``latency`` (end-to-end s of one request) and ``throughput`` (the pipeline's period: its
+    slowest stage or transfer; balanced stages over the devices, for runs that stream requests).
     """
     info = get_planner(strategy)
     if objective not in OBJECTIVES:
@@ -84,4 +91,8 @@ def create_plan(model_profile, devices, *, strategy: str = "lapdtr", objective: 
     validate_inputs(model_profile, devices)
     cons = Constraints(objective=objective, latency_target_s=latency_target_s,
                        throughput_target=throughput_target, horizon_requests=horizon_requests)
-    return info.fn(model_profile, devices, cons, **kw)
+    plan = info.fn(model_profile, devices, cons, **kw)
+    idle = idle_ranks(plan, len(devices))
+    plan.meta["idle_ranks"] = idle
+    warn_idle(plan, devices, idle)
+    return plan

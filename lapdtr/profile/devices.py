@@ -22,7 +22,11 @@ Schema::
     default_link: {bandwidth: 100Mbps, latency_ms: 2}   # optional: every pair not in links
 
 Bandwidths are bits/s with a ``bps`` unit ("100Mbps", "1Gbps"), bytes/s with ``B/s`` ("12.5MB/s"),
-or a plain number of bytes/s; ``LinkProfile.bandwidth_bps`` holds bytes/s."""
+or a plain number of bytes/s; ``LinkProfile.bytes_per_s`` holds bytes/s. The key ``bandwidth_bps``
+(the old name of that field) is an error saying so.
+
+``default_rank_devices(world_size)``: the devices of a run given only a world size — identical CPU
+ranks with a link between every pair (figures documented there, labelled not measured)."""
 from __future__ import annotations
 
 import dataclasses
@@ -190,6 +194,11 @@ def _parse_device(ck: _Checker, i: int, d, meters: list[str]) -> DeviceProfile:
 
 
 def _parse_link(ck: _Checker, where: str, d, allowed, required) -> tuple[float, float, bool]:
+    if isinstance(d, dict) and "bandwidth_bps" in d:
+        ck.fail(where, "bandwidth_bps", "was renamed: a link's bandwidth is key 'bandwidth' "
+                                        "(LinkProfile.bytes_per_s), in bytes per second as a plain "
+                                        "number, or with a unit: '1Gbps' (bits/s), '125MB/s' "
+                                        f"(bytes/s); e.g. bandwidth: {d['bandwidth_bps']!r}")
     ck.mapping(where, d, allowed, required)
     bandwidth = ck.number(where, "bandwidth", d["bandwidth"], strict=True, parse=parse_bandwidth,
                           what="a bandwidth")
@@ -238,20 +247,20 @@ def load_devices_dict(data, *, source: str = "<devices>") -> list[DeviceProfile]
         pair = frozenset((link["a"], link["b"]))
         if pair in pairs:
             ck.fail(where, None, "duplicate link between the same two devices")
-        pairs[pair] = LinkProfile(peer="", bandwidth_bps=bandwidth, latency_s=latency_s,
+        pairs[pair] = LinkProfile(peer="", bytes_per_s=bandwidth, latency_s=latency_s,
                                   measured=measured)
     default = None
     if data.get("default_link") is not None:
         bandwidth, latency_s, _ = _parse_link(ck, "default_link", data["default_link"],
                                               DEFAULT_LINK_KEYS, ("bandwidth",))
-        default = LinkProfile(peer="", bandwidth_bps=bandwidth, latency_s=latency_s)
+        default = LinkProfile(peer="", bytes_per_s=bandwidth, latency_s=latency_s)
     for dev in devices:
         for peer in names:
             if peer == dev.name:
                 continue
             link = pairs.get(frozenset((dev.name, peer)), default)
             if link is not None:
-                dev.links.append(LinkProfile(peer=peer, bandwidth_bps=link.bandwidth_bps,
+                dev.links.append(LinkProfile(peer=peer, bytes_per_s=link.bytes_per_s,
                                              latency_s=link.latency_s, measured=link.measured))
     return devices
 
@@ -305,7 +314,7 @@ def dump_devices_dict(devices: list[DeviceProfile]) -> dict:
                 raise ValueError(f"device {d.name!r}: link to unknown device {link.peer!r}; "
                                  f"devices: {names}")
             if names.index(link.peer) > i:
-                links.append({"a": d.name, "b": link.peer, "bandwidth": link.bandwidth_bps,
+                links.append({"a": d.name, "b": link.peer, "bandwidth": link.bytes_per_s,
                               "latency_ms": link.latency_s * 1e3, "measured": link.measured})
     out = {"devices": entries}
     if links:
@@ -352,13 +361,61 @@ def link_between(devices: list[DeviceProfile], a: str | int | DeviceProfile,
     a, b = _device_name(devices, a), _device_name(devices, b)
     dev_a, dev_b = get_device(devices, a), get_device(devices, b)
     if a == b:
-        return LinkProfile(peer=b, bandwidth_bps=math.inf, latency_s=0.0)
+        return LinkProfile(peer=b, bytes_per_s=math.inf, latency_s=0.0)
     for src, dst in ((dev_a, b), (dev_b, a)):
         for link in src.links:
             if link.peer == dst:
-                return LinkProfile(peer=b, bandwidth_bps=link.bandwidth_bps,
+                return LinkProfile(peer=b, bytes_per_s=link.bytes_per_s,
                                    latency_s=link.latency_s, measured=link.measured)
     raise ValueError(f"no link between devices {a!r} and {b!r}; {a!r} links to "
                      f"{[l.peer for l in dev_a.links]}, {b!r} links to "
                      f"{[l.peer for l in dev_b.links]} (add it under 'links' or set "
                      "'default_link' in the device file)")
+
+
+# Figures of ``default_rank_devices``: documented defaults, not measured on the host they run on.
+# Link: a gloo send/recv ping-pong between two local processes (torch 2.14, one x86 Xeon VM,
+# messages of 4 B to 32 MB) took 80-90 us one way and moved 2.5-2.9 GB/s from 4 MB up.
+DEFAULT_RANK_BYTES_PER_S = 2.5e9  # bytes (not bits) per second
+DEFAULT_RANK_LATENCY_S = 85e-6
+# Compute: ``measure_gflops()`` (1024^2 fp32 matmul) on one thread of that Xeon gave 190 GFLOP/s;
+# a rank shares its host's cores with the others, so the default is about half of that.
+DEFAULT_RANK_GFLOPS = 100.0
+
+
+def default_rank_devices(world_size: int, *, gflops: float | None = None, bandwidth=None,
+                         latency_s: float | None = None, memory_bytes: int = 0,
+                         names=None) -> list[DeviceProfile]:
+    """The devices of a run launched with only a world size: ``world_size`` identical CPU devices
+    named ``rank0`` .. ``rank{N-1}`` (or ``names``, in rank order) with a link between every pair.
+
+    ``gflops`` (default ``DEFAULT_RANK_GFLOPS``), ``bandwidth`` (bytes/s as a number, or a string
+    such as ``"10Gbps"`` / ``"2.5GB/s"``; default ``DEFAULT_RANK_BYTES_PER_S``) and ``latency_s``
+    (one way; default ``DEFAULT_RANK_LATENCY_S``) are the documented defaults above unless given;
+    ``measured`` says so (False: defined, not measured on this host — pass
+    ``gflops=measure_gflops()`` for a measured figure). ``memory_bytes`` 0 means no limit (local
+    ranks share the host's memory). No power model: power and J/byte are 0, so energy objectives
+    see no energy; use ``objective="throughput"`` on these devices to balance the pipeline.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    names = [f"rank{r}" for r in range(world_size)] if names is None else list(names)
+    if len(names) != world_size or len(set(names)) != world_size \
+            or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"names must be {world_size} distinct non-empty strings, got {names!r}")
+    ck = _Checker("default_rank_devices")
+    g = ck.number("arguments", "gflops", DEFAULT_RANK_GFLOPS if gflops is None else gflops,
+                  strict=True)
+    bw = ck.number("arguments", "bandwidth",
+                   DEFAULT_RANK_BYTES_PER_S if bandwidth is None else bandwidth, strict=True,
+                   parse=parse_bandwidth, what="a bandwidth")
+    lat = ck.number("arguments", "latency_s",
+                    DEFAULT_RANK_LATENCY_S if latency_s is None else latency_s)
+    mem = ck.number("arguments", "memory_bytes", memory_bytes, parse=parse_bytes,
+                    what="bytes (an int or a string like '4GiB')")
+    measured = {"gflops": False, "memory_bytes": False, "links": False}
+    return [DeviceProfile(name=n, kind="cpu", gflops=float(g), memory_bytes=int(mem),
+                          links=[LinkProfile(peer=p, bytes_per_s=float(bw), latency_s=float(lat),
+                                             measured=False) for p in names if p != n],
+                          measured=dict(measured))
+            for n in names]

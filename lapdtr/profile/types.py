@@ -2,7 +2,10 @@
 do). Plain dataclasses that round-trip through JSON (``profile.json``)."""
 from __future__ import annotations
 
+import json
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .._json import from_jsonable, load_json, save_json, to_jsonable
 
@@ -69,14 +72,50 @@ class ModelProfile:
         return load_json(cls, path)
 
 
+# LinkProfile's bandwidth field was ``bandwidth_bps``, which read as bits/s but held bytes/s
+RENAMED_LINK_KEYS = {"bandwidth_bps": "bytes_per_s"}
+_WARNED_BANDWIDTH_BPS = False
+
+
+def check_link_keys(d: dict, where: str = "LinkProfile") -> None:
+    """A ``ValueError`` for a link written with a renamed key (``bandwidth_bps``)."""
+    if isinstance(d, dict):
+        for old, new in RENAMED_LINK_KEYS.items():
+            if old in d:
+                raise ValueError(f"{where}: key {old!r} was renamed {new!r}; it holds bytes per "
+                                 f"second, not bits (write {new}: {d[old]!r})")
+
+
 @dataclass
 class LinkProfile:
-    """A link to a peer: bandwidth in bytes/s and one-way latency in s."""
+    """A link to a peer: ``bytes_per_s`` (bytes, not bits, per second) and one-way ``latency_s``.
+
+    ``peer`` is the other device's name, or ``"*"`` for any peer. ``measured``: the figures were
+    measured (True) or given / defaulted (False).
+    """
 
     peer: str
-    bandwidth_bps: float
+    bytes_per_s: float
     latency_s: float
     measured: bool = False
+
+    @property
+    def bandwidth_bps(self) -> float:
+        """Deprecated alias of ``bytes_per_s`` (it always held bytes/s, not bits/s); warns once."""
+        global _WARNED_BANDWIDTH_BPS
+        if not _WARNED_BANDWIDTH_BPS:
+            _WARNED_BANDWIDTH_BPS = True
+            warnings.warn("LinkProfile.bandwidth_bps was renamed bytes_per_s (bytes per second)",
+                          DeprecationWarning, stacklevel=2)
+        return self.bytes_per_s
+
+    def to_dict(self) -> dict:
+        return to_jsonable(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LinkProfile":
+        check_link_keys(d)
+        return from_jsonable(cls, d)
 
 
 @dataclass
@@ -113,6 +152,9 @@ class DeviceProfile:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DeviceProfile":
+        if isinstance(d, dict) and isinstance(d.get("links"), list):
+            for i, link in enumerate(d["links"]):
+                check_link_keys(link, f"DeviceProfile {d.get('name')!r}: links[{i}]")
         return from_jsonable(cls, d)
 
     def save(self, path):
@@ -120,4 +162,11 @@ class DeviceProfile:
 
     @classmethod
     def load(cls, path) -> "DeviceProfile":
-        return load_json(cls, path)
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"DeviceProfile: no such file {str(path)!r}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"DeviceProfile: {str(path)!r} is not valid JSON: {e}") from e
+        return cls.from_dict(data)

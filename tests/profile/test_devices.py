@@ -33,7 +33,7 @@ def test_shipped_device_file_loads(path):
         if d.energy_budget_j is not None:
             assert 0 <= d.energy_min_j <= d.energy_remaining_j <= d.energy_budget_j
         for link in d.links:  # symmetric
-            assert link_between(devices, link.peer, d.name).bandwidth_bps == link.bandwidth_bps
+            assert link_between(devices, link.peer, d.name).bytes_per_s == link.bytes_per_s
 
 
 def test_edge_set_figures():
@@ -46,8 +46,8 @@ def test_edge_set_figures():
     assert by["xavier-nx"].joules_per_flop < by["rpi4-a"].joules_per_flop
     fast = link_between(devices, "xavier-nx", "jetson-tx2")
     wifi = link_between(devices, "jetson-tx2", "rpi4-b")  # from default_link
-    assert fast.bandwidth_bps == 125e6 and fast.latency_s == pytest.approx(2e-4)
-    assert wifi.bandwidth_bps == 12.5e6 and wifi.latency_s == pytest.approx(3e-3)
+    assert fast.bytes_per_s == 125e6 and fast.latency_s == pytest.approx(2e-4)
+    assert wifi.bytes_per_s == 12.5e6 and wifi.latency_s == pytest.approx(3e-3)
     assert fast.peer == "jetson-tx2" and wifi.peer == "rpi4-b"
 
 
@@ -73,14 +73,14 @@ def test_link_between():
         "devices": [{"name": n, "gflops": 1, "memory": "1GB"} for n in ("a", "b", "c")],
         "links": [{"a": "a", "b": "b", "bandwidth": "8Mbps", "latency_ms": 1}],
     })
-    assert link_between(devices, "b", "a") == LinkProfile(peer="a", bandwidth_bps=1e6,
+    assert link_between(devices, "b", "a") == LinkProfile(peer="a", bytes_per_s=1e6,
                                                           latency_s=1e-3)
     assert link_between(devices, devices[0], devices[1]).peer == "b"
     assert link_between(devices, 1, 0) == link_between(devices, "b", "a")  # ranks
     with pytest.raises(ValueError, match=r"rank 3 is out of range; allowed: 0\.\.2"):
         link_between(devices, 0, 3)
     same = link_between(devices, "c", "c")
-    assert math.isinf(same.bandwidth_bps) and same.latency_s == 0.0
+    assert math.isinf(same.bytes_per_s) and same.latency_s == 0.0
     with pytest.raises(ValueError, match="no link between devices 'a' and 'c'.*default_link"):
         link_between(devices, "a", "c")
     with pytest.raises(ValueError, match=r"unknown device 'z'; devices: \['a', 'b', 'c'\]"):
@@ -192,6 +192,12 @@ BAD = {
     "negative latency": (edit(("links", 0, "latency_ms"), -1), ["'latency_ms'", ">= 0"]),
     "default link key": (edit(("default_link",), {"bandwidth": "1Gbps", "mtu": 1500}),
                          ["default_link", "'mtu'", "allowed"]),
+    "old bandwidth key": (edit(("links", 0), {"a": "tx2", "b": "pi", "bandwidth_bps": 12.5e6}),
+                          ["link 'tx2'-'pi'", "'bandwidth_bps'", "was renamed", "'bandwidth'",
+                           "bytes per second", "bandwidth: 12500000.0"]),
+    "old default link key": (edit(("default_link",), {"bandwidth_bps": 1e8}),
+                             ["default_link", "'bandwidth_bps'", "was renamed", "'bandwidth'",
+                              "bytes per second"]),
     "unknown top key": (edit(("device",), []), ["top level", "'device'", "allowed"]),
     "no devices": (edit(("devices",), []), ["'devices'", "non-empty list"]),
 }
@@ -213,7 +219,7 @@ def test_bad_device_file_names_file_device_and_key(tmp_path, case):
 def test_good_fixture_loads():
     devices = load_devices_dict(GOOD, source="good")
     assert [d.name for d in devices] == ["tx2", "pi"]
-    assert devices[0].links == [LinkProfile(peer="pi", bandwidth_bps=12.5e6, latency_s=3e-3)]
+    assert devices[0].links == [LinkProfile(peer="pi", bytes_per_s=12.5e6, latency_s=3e-3)]
 
 
 def test_duplicate_yaml_key(tmp_path):
@@ -234,3 +240,29 @@ def test_missing_or_broken_file(tmp_path):
     path.write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError, match=r"list\.yaml: top level: expected a mapping"):
         load_devices(path)
+
+
+def test_the_old_link_field_name_is_an_error_giving_the_new_one(tmp_path):
+    link = {"peer": "pi", "bandwidth_bps": 12.5e6, "latency_s": 3e-3}
+    with pytest.raises(ValueError, match=r"'bandwidth_bps' was renamed 'bytes_per_s'.*bytes per "
+                                         r"second, not bits"):
+        LinkProfile.from_dict(link)
+    dev = DeviceProfile(name="tx2", links=[LinkProfile("pi", 12.5e6, 3e-3)]).to_dict()
+    assert dev["links"][0]["bytes_per_s"] == 12.5e6 and "bandwidth_bps" not in dev["links"][0]
+    assert DeviceProfile.from_dict(dev) == DeviceProfile(name="tx2",
+                                                         links=[LinkProfile("pi", 12.5e6, 3e-3)])
+    dev["links"] = [link]
+    with pytest.raises(ValueError, match=r"DeviceProfile 'tx2': links\[0\]: key 'bandwidth_bps' "
+                                         r"was renamed 'bytes_per_s'"):
+        DeviceProfile.from_dict(dev)
+    path = tmp_path / "device.json"
+    path.write_text(json.dumps(dev))
+    with pytest.raises(ValueError, match="was renamed 'bytes_per_s'"):
+        DeviceProfile.load(path)
+
+def test_the_old_attribute_reads_bytes_per_s_and_warns_once(monkeypatch):
+    import lapdtr.profile.types as types_mod
+
+    monkeypatch.setattr(types_mod, "_WARNED_BANDWIDTH_BPS", False)
+    with pytest.warns(DeprecationWarning, match="renamed bytes_per_s"):
+        assert LinkProfile("pi", 12.5e6, 3e-3).bandwidth_bps == 12.5e6
