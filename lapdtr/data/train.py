@@ -43,8 +43,8 @@ def train_digits_checkpoint(model_name: str, path: str | Path, *, img_size: int 
 
     ``resnet10t`` at 32 px reaches 99% test top-1 in 2 or 3 epochs (6-13 s of training on two
     CPU cores shared with other jobs; 75 s there with torch's two threads). ``epochs=0`` saves
-    the seeded initial weights. Returns ``{"path", "train_s", "test_top1", "test_top5", "model", "model_kwargs",
-    "img_size", "epochs"}``; ``train_s`` is the wall time of the training steps alone.
+    the seeded initial weights. Returns ``{"path", "train_s", "test_top1", "test_top5", "model",
+    "model_kwargs", "img_size", "epochs"}``; ``train_s`` is the wall time of the training steps.
     ``num_threads``: torch threads while training, restored after (``None``: keep the current
     setting); one thread is fastest for a model this small, and by far on a busy machine.
     """
