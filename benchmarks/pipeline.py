@@ -10,7 +10,7 @@ per-trial ratio, printed and saved with its spread (min-max over the trials):
     ``--threads`` > 1 the process's CPU time instead, which the intra-op threads add to), so it
     does not count waiting for a core; lapdtr's own wall-clock figure is kept beside it. The
     runtime has no such meter: the benchmark adds it to lapdtr's ranks through ``run``'s
-    ``init_fn`` (it wraps ``RankModel.run`` while ``_Worker.process`` runs, i.e. the stream's
+    ``init_fn`` (it wraps ``RankModel.run`` while ``Worker.process`` runs, i.e. the stream's
     stage forwards, not the untimed warm-up), lapdtr itself is unchanged;
   * throughput of lapdtr's pipeline against two bounds built from those t_i:
       - the *steady-state* bound of a pipeline that does not flush, which is how lapdtr runs:
@@ -74,7 +74,7 @@ import torch.multiprocessing as mp
 import lapdtr
 from lapdtr._fmt import table
 from lapdtr.runtime import RunConfig, run
-from lapdtr.runtime.pipeline import request_input
+from lapdtr.runtime import request_input
 from lapdtr.runtime.placement import tune_malloc
 
 
@@ -143,7 +143,7 @@ def _gpipe_worker(rank, port, out_file, p, m, model_name, kw, cuts, batch, reque
                 c0 = os.times()
             if rank == 0:
                 # the request is made inside the clock, as lapdtr's coordinator makes it
-                sched.step(request_input(cfg, r, 224))
+                sched.step(request_input(cfg.seed, r, cfg.batch_size, 224))
             else:
                 sched.step()
     dist.barrier()
@@ -237,7 +237,7 @@ def _bare_worker(rank, port, out_file, p, model_name, kw, cuts, requests, thread
     stages = lapdtr.partition(lapdtr.create_model(model_name, **kw).eval(), cuts)
     cfg = RunConfig(batch_size=1)
     with torch.no_grad():
-        x = request_input(cfg, 0, img)
+        x = request_input(cfg.seed, 0, cfg.batch_size, img)
         ins = []
         for st in stages:  # boundary shapes, known in advance as in any static pipeline
             ins.append(torch.empty_like(x))
@@ -246,7 +246,7 @@ def _bare_worker(rank, port, out_file, p, model_name, kw, cuts, requests, thread
         stage, lat = stages[rank], []
         for r in range(requests + 2):  # two untimed warm-up requests
             if rank == 0:
-                x = request_input(cfg, r, img)
+                x = request_input(cfg.seed, r, cfg.batch_size, img)
                 t0 = time.perf_counter()
                 y = stage(x)
                 if p > 1:
@@ -274,11 +274,11 @@ def _instrument_stages(out_dir: str, threads: int, rank: int) -> None:
     ``out_dir/rank<rank>.json`` when the rank finishes its report.
 
     The runtime has no CPU-time meter of its own; this wraps ``RankModel.run`` only while
-    ``_Worker.process`` runs (the stream's items; the untimed warm-up calls ``RankModel.run``
+    ``Worker.process`` runs (the stream's items; the untimed warm-up calls ``RankModel.run``
     outside it), which is where lapdtr's own ``compute_s`` is timed in wall-clock time."""
     import threading
 
-    from lapdtr.runtime import pipeline as rp
+    from lapdtr.runtime import worker as rp
     from lapdtr.runtime.stages import RankModel
 
     # one torch thread: the forward runs in the calling thread; more: in the intra-op pool
@@ -287,7 +287,7 @@ def _instrument_stages(out_dir: str, threads: int, rank: int) -> None:
     acc = {"cpu_ns": 0, "wall_ns": 0, "calls": 0,
            "clock": "thread_time" if threads == 1 else "process_time"}
     flag = threading.local()
-    run0, process0, finish0 = RankModel.run, rp._Worker.process, rp._Worker.finish_report
+    run0, process0, finish0 = RankModel.run, rp.Worker.process, rp.Worker.finish_report
 
     def run_metered(self, *a, **k):
         if not getattr(flag, "on", False):
@@ -313,8 +313,8 @@ def _instrument_stages(out_dir: str, threads: int, rank: int) -> None:
         return rep
 
     RankModel.run = run_metered
-    rp._Worker.process = process_metered
-    rp._Worker.finish_report = finish_metered
+    rp.Worker.process = process_metered
+    rp.Worker.finish_report = finish_metered
 
 
 def run_lapdtr(cfg: RunConfig, threads: int):
@@ -330,7 +330,7 @@ def run_lapdtr(cfg: RunConfig, threads: int):
         f = meter_dir / f"rank{k}.json"
         if not f.exists():
             raise RuntimeError(f"rank {k} wrote no stage CPU times ({f}): did lapdtr.runtime's "
-                               "_Worker.process / finish_report or RankModel.run change?")
+                               "Worker.process / finish_report or RankModel.run change?")
         d = json.loads(f.read_text())
         if d["calls"] != d["items"]:
             raise RuntimeError(f"rank {k}: {d['calls']} metered stage forwards for "

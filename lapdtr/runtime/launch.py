@@ -22,7 +22,7 @@ __all__ = ["run", "run_torchrun", "write_outputs"]
 
 def _entry(rank: int, cfg_dict: dict, world_size: int, host: str, port: int, prefix: str,
            init_fn=None) -> None:
-    from .pipeline import run_rank
+    from .session import run_rank
 
     if init_fn is not None:
         init_fn(rank)
@@ -106,7 +106,7 @@ def run(cfg: RunConfig, *, echo: bool = False, timeout_s: float | None = None,
 def _error_from(msg: str) -> Exception:
     """The exception a rank reported (``rank N: Type: message``): user errors stay
     ``ValueError``, rendezvous failures ``RendezvousError``, anything else ``RuntimeError``."""
-    from .pipeline import RendezvousError
+    from .control import RendezvousError
 
     kind = msg.split(": ", 2)[1] if msg.count(": ") >= 2 else ""
     return {"ValueError": ValueError, "RendezvousError": RendezvousError}.get(kind, RuntimeError)(msg)
@@ -116,7 +116,7 @@ def run_torchrun(cfg: RunConfig) -> RunReport | None:
     """One rank of a torchrun job (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``)."""
     import torch.distributed as dist
 
-    from .pipeline import run_rank
+    from .session import run_rank
 
     try:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -190,6 +190,40 @@ class RankModel:
             for name, b in list(self.host.named_buffers()):
                 _set_tensor(self.host, name, b.to(self.device))
 
+    @classmethod
+    def from_module(cls, module: nn.Module, checkpoint: str | Path, *, model_name: str,
+                    img_size: int | None = None, device: str | torch.device = "cpu",
+                    write: bool = True) -> "RankModel":
+        """A rank model over ``module`` itself (built by the caller, identically on every rank):
+        with ``write``, its weights are first saved to ``checkpoint`` (safetensors; units taken
+        over after a re-plan load from there), then every parameter is freed; the worker loads
+        its own units back."""
+        from safetensors.torch import save_file
+
+        self = cls.__new__(cls)
+        self.model_name = model_name
+        self.checkpoint = Path(checkpoint)
+        self.device = torch.device(device)
+        module.eval()
+        module.requires_grad_(False)
+        self.host = module
+        self.units = units(module, img_size)
+        self.unit_index = {u.name: u.index for u in self.units}
+        if write:
+            self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+            tmp = self.checkpoint.with_suffix(".tmp")
+            save_file(sd, str(tmp), metadata={"model": model_name})
+            tmp.replace(self.checkpoint)
+            del sd
+        self.loaded = {u.name for u in self.units}
+        self._checked = False
+        self.release_units(list(self.loaded))
+        if self.device.type != "cpu":
+            for name, b in list(self.host.named_buffers()):
+                _set_tensor(self.host, name, b.to(self.device))
+        return self
+
     @property
     def num_units(self) -> int:
         return len(self.units)
@@ -224,6 +258,11 @@ class RankModel:
             if k in dict(self.host.named_parameters()):
                 _set_tensor(self.host, k, None)
         self.loaded.difference_update(names)
+
+    def supports(self, *, width: float = 1.0, keep_ratio: float = 1.0) -> bool:
+        """Whether the units run at ``width`` of their heads / hidden units and ``keep_ratio`` of
+        their tokens (full width and every token only, until elastic layers are wired in)."""
+        return width == 1.0 and keep_ratio == 1.0
 
     def param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.host.parameters()

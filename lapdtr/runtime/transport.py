@@ -384,6 +384,14 @@ class _Receiver(threading.Thread):
                 pw, pbuf = self._post_payload()
 
 
+def _tensors_of(x) -> tuple:
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x.tensors)
+
+
+def _value_bytes(x) -> int:
+    return sum(_nbytes(t) for t in _tensors_of(x))
+
+
 class BoundaryCache:
     """The latest boundary output this rank produced per in-flight item, within a byte budget.
 
@@ -402,15 +410,17 @@ class BoundaryCache:
         self.spilled = 0
         self.dropped = 0
 
-    def put(self, item: int, unit: int, x: torch.Tensor) -> None:
+    def put(self, item: int, unit: int, x) -> None:
+        """Keep ``x`` (a tensor, or a packet of tensors: ``steps.Packet``) as ``item``'s boundary
+        before ``unit``."""
         self.pop(item)
         self.mem[item] = (unit, x)
-        self.bytes += _nbytes(x)
+        self.bytes += _value_bytes(x)
         self.peak_bytes = max(self.peak_bytes, self.bytes)
         while self.bytes > self.budget_bytes and self.mem:
             k = min(self.mem)
             u, t = self.mem.pop(k)
-            self.bytes -= _nbytes(t)
+            self.bytes -= _value_bytes(t)
             if self.spill_dir is not None:
                 import os
 
@@ -418,24 +428,34 @@ class BoundaryCache:
 
                 os.makedirs(self.spill_dir, exist_ok=True)
                 path = os.path.join(self.spill_dir, f"{self.tag}-{k}.safetensors")
-                save_file({"x": t.detach().cpu().contiguous()}, path)
+                tensors = _tensors_of(t)
+                save_file({f"x{i}": v.detach().cpu().contiguous() for i, v in enumerate(tensors)},
+                          path, metadata={"packet": str(not isinstance(t, torch.Tensor))})
                 self.disk[k] = (u, path)
                 self.spilled += 1
             else:
                 self.dropped += 1
 
-    def get(self, item: int, device=None) -> tuple[int, torch.Tensor]:
+    def get(self, item: int, device=None):
         if item in self.mem:
             return self.mem[item]
         u, path = self.disk[item]
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        x = load_file(path)["x"]
-        return u, (x.to(device) if device is not None else x)
+        with safe_open(path, framework="pt") as f:
+            packet = f.metadata().get("packet") == "True"
+            tensors = [f.get_tensor(f"x{i}") for i in range(len(f.keys()))]
+        if device is not None:
+            tensors = [t.to(device) for t in tensors]
+        if not packet:
+            return u, tensors[0]
+        from .steps import Packet
+
+        return u, Packet(tuple(tensors))
 
     def pop(self, item: int) -> None:
         if item in self.mem:
-            self.bytes -= _nbytes(self.mem.pop(item)[1])
+            self.bytes -= _value_bytes(self.mem.pop(item)[1])
         if item in self.disk:
             import os
 

@@ -8,7 +8,7 @@ import copy
 import torch
 
 import lapdtr
-from lapdtr.runtime.pipeline import request_input
+from lapdtr.runtime import request_input
 
 
 def _redistribute(plan, model_profile, devices, event):
@@ -59,7 +59,7 @@ def reference_outputs(cfg, n_requests: int | None = None, model=None):
     model = model if model is not None else reference_model(cfg)
     img = cfg.img_size or 224
     with torch.no_grad():
-        return [model(request_input(cfg, i, img)) for i in range(n_requests or cfg.requests)]
+        return [model(request_input(cfg.seed, i, cfg.batch_size, img)) for i in range(n_requests or cfg.requests)]
 
 
 def informative_checkpoint(path, model: str, model_kwargs: dict | None = None,
@@ -108,7 +108,7 @@ def assert_outputs_match(cfg, out_dir, atol=1e-5):
         assert_close_scaled(outs[f"request{i}"], r, msg=f"request{i}")
     img = cfg.img_size or 224
     k = min(2, cfg.requests)  # a subset of the compared requests: the check stays conservative
-    x = torch.cat([request_input(cfg, i, img) for i in range(k)])
+    x = torch.cat([request_input(cfg.seed, i, cfg.batch_size, img) for i in range(k)])
     assert_sees_every_unit(model, x, torch.cat(ref[:k]), unit_list=units(model, img))
 
 
@@ -119,13 +119,13 @@ def kill_rank1_soon_after_it_starts(rank: int) -> None:
     import signal
     import threading
 
-    from lapdtr.runtime import pipeline
+    from lapdtr.runtime import worker
 
     install_stub_planner(rank)
     count_unit_runs(rank)
     if rank != 1:
         return
-    original = pipeline._Worker.process
+    original = worker.Worker.process
 
     def process(self, msg):
         if not getattr(self, "_timer", None):
@@ -133,7 +133,7 @@ def kill_rank1_soon_after_it_starts(rank: int) -> None:
             self._timer.start()
         return original(self, msg)
 
-    pipeline._Worker.process = process
+    worker.Worker.process = process
 
 
 # ------------------------------------------------------------------ where recovery resumed
@@ -145,9 +145,9 @@ def count_unit_runs(rank: int = 0) -> None:
     SIGKILLed rank leaves whole lines; its ``start`` lines are what it ran or was running."""
     import os
 
-    from lapdtr.runtime import pipeline
+    from lapdtr.runtime import worker
 
-    original = pipeline._Worker.process
+    original = worker.Worker.process
 
     def process(self, msg):
         fd = getattr(self, "_runs_fd", None)
@@ -161,7 +161,7 @@ def count_unit_runs(rank: int = 0) -> None:
         if self.report.items > items:
             os.write(fd, ("done " + rec).encode())
 
-    pipeline._Worker.process = process
+    worker.Worker.process = process
 
 
 def stub_planner_and_count(rank: int) -> None:

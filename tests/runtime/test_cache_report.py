@@ -6,7 +6,7 @@ import torch
 from lapdtr.plan.types import Plan
 from lapdtr.runtime import (BoundaryCache, RankReport, ReplanEvent, RunReport, build_plan_from_cuts,
                             check_plan, format_report, plot_timeline)
-from lapdtr.runtime.pipeline import default_devices, request_input
+from lapdtr.runtime.prepare import default_devices, request_input
 from lapdtr.runtime.config import RunConfig
 
 
@@ -53,9 +53,9 @@ def test_plan_checks_name_the_problem():
 
 def test_request_inputs_are_deterministic():
     cfg = RunConfig(batch_size=2)
-    a, b = request_input(cfg, 5, 32), request_input(cfg, 5, 32)
+    a, b = request_input(cfg.seed, 5, cfg.batch_size, 32), request_input(cfg.seed, 5, cfg.batch_size, 32)
     assert torch.equal(a, b) and a.shape == (2, 3, 32, 32)
-    assert not torch.equal(a, request_input(cfg, 6, 32))
+    assert not torch.equal(a, request_input(cfg.seed, 6, cfg.batch_size, 32))
 
 
 def _report():

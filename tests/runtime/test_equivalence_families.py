@@ -117,7 +117,7 @@ class _Case:
         self.units = units(model, self.img)
         self.formats = [u.out_format for u in self.units[:-1]]
         # the inputs every run of these configs sees (request_input reads seed and batch_size)
-        inputs = [request_input(RunConfig(batch_size=BATCH), r, self.img) for r in range(REQUESTS)]
+        inputs = [request_input(0, r, BATCH, self.img) for r in range(REQUESTS)]
         informative_weights_(model, seed=1, probe=inputs[0])
         if self.fmt is None:
             self.fmt = sorted(set(self.formats), key=lambda f: FORMAT_PRIORITY.index(f)

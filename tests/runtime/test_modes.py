@@ -22,7 +22,7 @@ def test_tensor_mode_uneven_split_equals_single_process(tmp_path):
     assert all(k.bytes_sent > 0 for k in r.ranks)
     assert_outputs_match(cfg, tmp_path, atol=1e-5)
     # the comparison sees every unit of this model (a DeiT: no zero-initialized residual norms)
-    assert_sees_every_unit(reference_model(cfg), request_input(cfg, 0, 224))
+    assert_sees_every_unit(reference_model(cfg), request_input(cfg.seed, 0, cfg.batch_size, 224))
 
 
 def test_ensemble_mode_equals_reference(tmp_path):
@@ -37,7 +37,7 @@ def test_ensemble_mode_equals_reference(tmp_path):
         models.append(lapdtr.create_model(cfg.model, depth=2))
     outs = load_outputs(tmp_path)
     for i in range(2):
-        x = request_input(cfg, i, 224)
+        x = request_input(cfg.seed, i, cfg.batch_size, 224)
         ref = ensemble_reference(models, x, "mean")
         assert_close_scaled(outs[f"request{i}"], ref)
         for r in range(2):  # the comparison would see a member left out
