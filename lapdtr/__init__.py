@@ -4,5 +4,7 @@ __version__ = "0.1.0"
 from .models import (Stage, Unit, create_model, get_adapter, list_adapters, list_supported_models,
                      partition, units)
 
-__all__ = ["Stage", "Unit", "create_model", "get_adapter", "list_adapters",
+from .distribute import DistributedModel, distribute
+
+__all__ = ["DistributedModel", "distribute", "Stage", "Unit", "create_model", "get_adapter", "list_adapters",
            "list_supported_models", "partition", "units", "__version__"]

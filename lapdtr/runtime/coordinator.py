@@ -53,6 +53,7 @@ class Coordinator:
         self.requests_done: set[int] = set()
         self.next_item = 0  # items ever submitted
         self.issued = 0
+        self.n_done = 0  # items answered (their outputs may have been handed out since)
         self.done_mark = 0
         self.duplicates = 0
         self._source = None
@@ -110,7 +111,7 @@ class Coordinator:
             self.submit(x)
 
     def in_flight(self) -> int:
-        return self.issued - len(self.outputs)
+        return self.issued - self.n_done
 
     def issue(self) -> None:
         """Feed items up to the in-flight window. When this rank runs the first unit, it feeds
@@ -135,6 +136,7 @@ class Coordinator:
             return
         self.outputs[k] = msg.tensor.cpu()
         self.done_time[k] = time.time()
+        self.n_done += 1
         self.inputs.pop(k, None)
         req = self.item_request[k]
         if all(i in self.done_time for i in self.request_items[req]):
