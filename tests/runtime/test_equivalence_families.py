@@ -215,8 +215,9 @@ class _Runs:
             for stale in [*outs[f].glob("error-rank*.txt"), outs[f] / "report.json"]:
                 stale.unlink(missing_ok=True)
             jobs.append((cfg.to_dict(), f"{base}{f}/"))
-        ctx = multiprocessing.get_context(
-            "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        # spawn, not fork: a forked copy of the pytest process carries whatever earlier tests
+        # loaded (scikit-learn/scipy's OpenMP runtime), and one such child segfaulted in GC
+        ctx = multiprocessing.get_context("spawn")
         t0 = time.time()
         port = free_port()
         procs = [ctx.Process(target=_rank_main, args=(r, world, port, jobs, base + "done"),
