@@ -52,7 +52,6 @@ def _structure(model: nn.Module) -> str:
 def _job_env():
     """(rank, world_size, host, port, own_group, server): from an existing process group, the
     launcher's environment, or a one-rank job in this process."""
-    server = None
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         host = os.environ.get("MASTER_ADDR")
@@ -63,17 +62,10 @@ def _job_env():
                              "address (set them, or let lapdtr.distribute create the group)")
         return rank, world, _resolve(host), int(port), False, None
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        try:
-            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-        except KeyError as e:
-            raise ValueError(f"lapdtr.distribute: environment variable {e.args[0]} is not set "
-                             "(run under torchrun or lapdtr launch)") from None
-        hosted = (os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-                  or os.environ.get("LAPDTR_STORE_HOSTED") == "1")
-        if not hosted and rank == 0:
-            server = dist.TCPStore(host, port, is_master=True, wait_for_workers=False)
-        return rank, world, _resolve(host), port, True, server
+        from .runtime.launch import job_from_env
+
+        rank, world, host, port, server = job_from_env("run under torchrun or lapdtr launch")
+        return rank, world, host, port, True, server
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     return 0, 1, "127.0.0.1", server.port, True, server
 
@@ -120,16 +112,18 @@ def distribute(model, *, plan=None, cuts=None, devices=None, strategy: str = "la
     _CALLS["n"] += 1
     prefix = (f"lapdtr/dm/{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}/"
               f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_CALLS['n']}/")
-    tmp = Path(tempfile.mkdtemp(prefix=f"lapdtr-rank{rank}-"))
     cfg = RunConfig.from_dict({
         "model": name, "model_kwargs": dict(model_kwargs or {}), "img_size": img_size,
         "world_size": world, "backend": backend, "devices": devices, "plan": plan,
         "cuts": list(cuts) if cuts is not None else None, "strategy": strategy,
         "objective": objective, "checkpoint": str(checkpoint) if checkpoint else None,
         "micro_batches": micro_batches, "max_inflight": max_inflight,
-        "out": out or str(tmp / "run"), "batch_size": options.pop("batch_size", micro_batches),
+        "out": out or "<temporary>", "batch_size": options.pop("batch_size", micro_batches),
         "requests": 1, **options})
     cfg.validate()
+    tmp = Path(tempfile.mkdtemp(prefix=f"lapdtr-rank{rank}-"))
+    if out is None:
+        cfg.out = str(tmp / "run")
     return DistributedModel(cfg, module, rank=rank, world=world, host=host, port=port,
                             prefix=prefix, own_group=own_group, server=server, driver=driver,
                             tmp=tmp)
@@ -149,7 +143,7 @@ class DistributedModel(nn.Module):
         self._closed = False
         self._final = None
         self._profile = None
-        self._module = module
+        self.__dict__["_module"] = module  # not a submodule: consumed by the rank model
         structure = _structure(module) if module is not None else None
         self._structure = structure
         self._session = PipelineSession(
@@ -163,14 +157,14 @@ class DistributedModel(nn.Module):
             self._session.close()
             self._cleanup()
             raise
-        self._module = None  # its weights now live in the rank model
+        self.__dict__["_module"] = None  # its weights now live in the rank model
         self._in_shape = tuple(self._session.w.model.units[0].in_shape[1:])
         self._dtype = next((p.dtype for p in self._session.w.model.host.parameters()),
                            torch.float32)
 
     # -- set-up (called by the session) -----------------------------------------------------
     def _profile_fn(self):
-        if self._profile is None:
+        if self._profile is None:  # a model given by name: built by name, as lapdtr run does
             from .runtime.prepare import profile_for
 
             self._profile = profile_for(self.cfg.model, self.cfg.model_kwargs,
@@ -189,12 +183,13 @@ class DistributedModel(nn.Module):
             return setup
         img = cfg.img_size or default_img_size(self._module)
         names = [u.name for u in units(self._module, img)]
-        if cfg.plan is None and cfg.cuts is None:
-            from .profile import profile_model
+        # profiled now, while this rank holds every weight: the planner needs it, and so does a
+        # re-plan after a failure (a model built by name could differ from the module given)
+        from .profile import profile_model
 
-            self._profile = profile_model(self._module, img_size=img,
-                                          batch_size=max(1, cfg.batch_size // cfg.micro_batches),
-                                          repeats=1, warmup=1)
+        self._profile = profile_model(self._module, img_size=img,
+                                      batch_size=max(1, cfg.batch_size // cfg.micro_batches),
+                                      repeats=1, warmup=1)
         devices = load_run_devices(cfg, self.world_size)
         plan, devices = resolve_plan(cfg, names, devices, self.world_size, img,
                                      profile_fn=lambda: self._profile)
@@ -272,6 +267,7 @@ class DistributedModel(nn.Module):
         src = enumerate(iterable)
         queue: deque = deque()  # (index, request or None for journaled)
         exhausted = False
+        bad = None  # a batch of the wrong type, shape or dtype: raised after the ones before it
         try:
             while True:
                 while not exhausted and len(queue) < 1 + window and \
@@ -284,9 +280,16 @@ class DistributedModel(nn.Module):
                     if jr is not None and i in jr:
                         queue.append((i, None))
                         continue
-                    queue.append((i, co.submit(self._check(b), micro_batches=m)))
+                    try:
+                        x = self._check(b)
+                    except (TypeError, ValueError) as e:
+                        # the run goes on: the batches before it are answered, then it raises
+                        bad = type(e)(f"dm.map: batch {i}: {e}")
+                        exhausted = True
+                        break
+                    queue.append((i, co.submit(x, micro_batches=m)))
                 if not queue:
-                    return
+                    break
                 i, req = queue[0]
                 if req is None:
                     queue.popleft()
@@ -308,12 +311,17 @@ class DistributedModel(nn.Module):
         finally:
             if jr is not None:
                 jr.close()
+        if bad is not None:
+            raise bad
 
     def _journal(self, path):
         from .runtime.journal import Journal
 
         plan = self.cfg.plan
+        ckpt = self.cfg.checkpoint
         identity = {"model": self.cfg.model, "structure": self._structure,
+                    "checkpoint": ({"path": str(Path(ckpt).resolve()),
+                                    "bytes": Path(ckpt).stat().st_size} if ckpt else None),
                     "plan": (hashlib.sha256(Path(plan).read_bytes()).hexdigest()[:16]
                              if plan else None),
                     "cuts": self.cfg.cuts, "strategy": self.cfg.strategy,

@@ -56,15 +56,10 @@ def pipeline_report(co, wall: float, *, wait_s: float, status: str = "ok",
     ranks = [ranks[r] for r in sorted(ranks)]
     for k in ranks:
         k.items_per_s = k.items / wall if wall > 0 else 0.0
-    lat, done_s = [], []
-    for req in sorted(co.requests_done):
-        ks = co.request_items[req]
-        lat.append(max(co.done_time[k] for k in ks) - min(co.issue_time[k] for k in ks))
-        done_s.append(max(co.done_time[k] for k in ks) - co.t_start)
-    submitted = len(co.request_items)
+    lat, done_s = co.latencies, co.done_s
+    submitted = co.n_requests
     completed = len(lat)
     labels = {k.energy_label for k in ranks if k.energy_label != "none"}
-    batch = max((len(r) for r in co.request_items), default=0)
     return RunReport(
         model=cfg.model, mode=cfg.mode, world_size=w.world_size, requests=submitted,
         batch_size=cfg.batch_size, micro_batches=w.m, wall_s=wall,
@@ -84,7 +79,7 @@ def pipeline_report(co, wall: float, *, wait_s: float, status: str = "ok",
                            "a payload that fits the pre-posted receive goes first; "
                            "transport.py)",
               "request_done_s": done_s, "max_inflight": co.window,
-              "items_per_request": batch, "coordinator": w.rank,
+              "coordinator": w.rank,
               "idle_ranks": idle_ranks(w.plan, w.world_size),
               "ranks_share_cores": bool(w.placement and w.placement.oversubscribed),
               "malloc_tuned": w.malloc_tuned, **(meta or {})})
@@ -94,6 +89,6 @@ def save_outputs(co, path: str | Path) -> None:
     """Every completed request's output, as ``request<i>`` in a safetensors file."""
     from safetensors.torch import save_file
 
-    outs = {f"request{req}": co.output(req).contiguous() for req in sorted(co.requests_done)}
+    outs = {f"request{req}": co.output(req).contiguous() for req in co.answered()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(outs, str(path))

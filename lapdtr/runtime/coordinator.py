@@ -43,14 +43,20 @@ class Coordinator:
         self.watcher = watcher
         self.profile_fn = profile_fn  # () -> the model profile a re-plan uses
         cfg = w.cfg
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.issue_time: dict[int, float] = {}
-        self.done_time: dict[int, float] = {}
-        self.inputs: dict[int, torch.Tensor] = {}  # in-flight items' inputs, until done
+        # per item, only while it is in flight (a long-lived DistributedModel keeps no record of
+        # the items it answered, only each request's latency)
+        self.outputs: dict[int, torch.Tensor] = {}  # until the request's output is taken
+        self.issue_time: dict[int, float] = {}  # issued, not yet answered
+        self.inputs: dict[int, torch.Tensor] = {}  # submitted, not yet answered
+        self.item_request: dict[int, int] = {}
+        self.done_above: set[int] = set()  # answered items at or above done_mark
         self.pending: deque[int] = deque()  # items submitted, not yet issued
-        self.request_items: list[range] = []  # request -> its items
-        self.item_request: list[int] = []
-        self.requests_done: set[int] = set()
+        self.request_items: dict[int, range] = {}  # request -> its items, until taken
+        self.req_left: dict[int, int] = {}  # request -> items not yet answered
+        self.req_start: dict[int, float] = {}  # request -> when its first item was issued
+        self.n_requests = 0  # requests ever submitted
+        self.latencies: list[float] = []  # per request answered: last answer - first issue
+        self.done_s: list[float] = []  # per request answered: when, since t_start
         self.next_item = 0  # items ever submitted
         self.issued = 0
         self.n_done = 0  # items answered (their outputs may have been handed out since)
@@ -86,15 +92,17 @@ class Coordinator:
         if x.dim() == 0 or x.shape[0] == 0:
             raise ValueError(f"an input batch needs a batch dimension of at least 1; got shape "
                              f"{tuple(x.shape)}")
-        req = len(self.request_items)
+        req = self.n_requests
+        self.n_requests += 1
         chunks = torch.tensor_split(x, min(micro_batches or self.w.m, x.shape[0]))
         first = self.next_item
         for c in chunks:
             self.inputs[self.next_item] = c
             self.pending.append(self.next_item)
-            self.item_request.append(req)
+            self.item_request[self.next_item] = req
             self.next_item += 1
-        self.request_items.append(range(first, self.next_item))
+        self.request_items[req] = range(first, self.next_item)
+        self.req_left[req] = len(chunks)
         return req
 
     def extend(self, batches) -> None:
@@ -123,7 +131,8 @@ class Coordinator:
             if w.owner[0] == w.rank and any(m.unit == 0 for m in w.transport.local):
                 return
             k = self.pending.popleft()
-            self.issue_time[k] = time.time()
+            now = self.issue_time[k] = time.time()
+            self.req_start.setdefault(self.item_request[k], now)
             w.transport.send(w.owner[0], k, 0, self.inputs[k].to(w.device))
             self.issued += 1
             self._refill()
@@ -131,29 +140,38 @@ class Coordinator:
     # -- outputs ----------------------------------------------------------------------------
     def collect(self, msg) -> None:
         k = msg.item
-        if k in self.outputs or k in self.done_time:
+        if k < self.done_mark or k in self.done_above or k not in self.issue_time:
             self.duplicates += 1
             return
+        now = time.time()
         self.outputs[k] = msg.tensor.cpu()
-        self.done_time[k] = time.time()
         self.n_done += 1
-        self.inputs.pop(k, None)
-        req = self.item_request[k]
-        if all(i in self.done_time for i in self.request_items[req]):
-            self.requests_done.add(req)
+        del self.issue_time[k], self.inputs[k]
+        req = self.item_request.pop(k)
+        self.req_left[req] -= 1
+        if not self.req_left[req]:
+            del self.req_left[req]
+            self.latencies.append(now - self.req_start.pop(req))
+            self.done_s.append(now - self.t_start)
             if self.bar is not None:
                 self.bar.update(1)
-        while self.done_mark < self.next_item and self.done_mark in self.done_time:
+        self.done_above.add(k)
+        while self.done_mark in self.done_above:
+            self.done_above.discard(self.done_mark)
             self.done_mark += 1
 
     def request_done(self, req: int) -> bool:
-        return req in self.requests_done
+        return 0 <= req < self.n_requests and req not in self.req_left
+
+    def answered(self) -> list[int]:
+        """The answered requests whose outputs are still held, in order."""
+        return [r for r in self.request_items if r not in self.req_left]
 
     def output(self, req: int, *, pop: bool = False) -> torch.Tensor:
         """The output of request ``req`` (its items' outputs concatenated in order)."""
         ys = [self.outputs[i] for i in self.request_items[req]]
         if pop:
-            for i in self.request_items[req]:
+            for i in self.request_items.pop(req):
                 del self.outputs[i]
         return ys[0] if len(ys) == 1 else torch.cat(ys)
 
@@ -274,8 +292,7 @@ class Coordinator:
         resume: dict[str, list] = {}
         resumed_at: dict[str, int] = {}
         points: dict[str, list[int]] = {}  # item -> [resumed from, furthest boundary cached]
-        issued = [k for k in self.issue_time if k not in self.done_time]
-        for k in sorted(issued):
+        for k in sorted(self.issue_time):  # the items in flight
             best_u, best_r = 0, w.rank
             for r, held in inv.items():
                 if k in held and held[k] > best_u:

@@ -112,28 +112,39 @@ def _error_from(msg: str) -> Exception:
     return {"ValueError": ValueError, "RendezvousError": RendezvousError}.get(kind, RuntimeError)(msg)
 
 
-def run_torchrun(cfg: RunConfig) -> RunReport | None:
-    """One rank of a torchrun job (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``)."""
+def job_from_env(hint: str):
+    """``(rank, world_size, host, port, server)`` of a job launched by torchrun or
+    ``lapdtr launch`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``). Where no
+    launcher hosts the store (``TORCHELASTIC_USE_AGENT_STORE`` / ``LAPDTR_STORE_HOSTED``), rank 0
+    hosts it and ``server`` holds it (keep it alive for the job); else ``server`` is ``None``."""
     import torch.distributed as dist
-
-    from .session import run_rank
 
     try:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     except KeyError as e:
-        raise ValueError(f"environment variable {e.args[0]} is not set: run under torchrun "
-                         "(torchrun --nproc_per_node N infer/run.py --config ...)") from None
+        raise ValueError(f"environment variable {e.args[0]} is not set: {hint}") from None
+    hosted = (os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+              or os.environ.get("LAPDTR_STORE_HOSTED") == "1")
+    server = None
+    if not hosted and rank == 0:
+        server = dist.TCPStore(host, port, is_master=True, wait_for_workers=False)
+    host = "127.0.0.1" if host == "localhost" else socket.gethostbyname(host)
+    return rank, world_size, host, port, server
+
+
+def run_torchrun(cfg: RunConfig) -> RunReport | None:
+    """One rank of a torchrun job (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``)."""
+    from .session import run_rank
+
+    rank, world_size, host, port, server = job_from_env(
+        "run under torchrun (torchrun --nproc_per_node N infer/run.py --config ...)")
     if cfg.world_size != world_size:
         cfg.world_size = world_size
         cfg.validate()
-    server = None
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true" and rank == 0:
-        server = dist.TCPStore(host, port, is_master=True, wait_for_workers=False)
     prefix = (f"lapdtr/{os.environ.get('TORCHELASTIC_RUN_ID', 'env')}/"
               f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
-    report = run_rank(cfg, rank, world_size, socket.gethostbyname(host) if host != "localhost"
-                      else "127.0.0.1", port, prefix)
+    report = run_rank(cfg, rank, world_size, host, port, prefix)
     if report is not None:
         write_outputs(cfg, report, echo=True)
     del server

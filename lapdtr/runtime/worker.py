@@ -168,8 +168,6 @@ class Worker:
 
     def send_packet(self, dst: int, item: int, unit: int, packet) -> int:
         """One packet to ``dst``; returns the bytes sent (0 when ``dst`` is this rank)."""
-        if isinstance(packet, torch.Tensor):
-            return self.transport.send(dst, item, unit, packet)
         if len(packet.tensors) != 1:
             raise ValueError(f"rank {self.rank}: a packet of {len(packet.tensors)} tensors for "
                              f"item {item}; the transport carries one tensor per message")
@@ -205,8 +203,6 @@ class Worker:
         re-encoded for its new next stage where the codec needs it)."""
         for item, u in entries:
             _, packet = self.cache.get(item, self.device)
-            if isinstance(packet, torch.Tensor):
-                packet = Packet((packet,))
             packet = self.codec.reencode(packet, unit=u)
             dst = self.owner[u] if u < self.n else self.coordinator
             self.send_packet(dst, item, u, packet)

@@ -297,14 +297,14 @@ def free_port() -> int:
 def spawn(fn, world_size: int, *args):
     """Run ``fn(rank, world_size, port, *args)`` on ``world_size`` local processes.
 
-    Fork where there is one: the ranks inherit the imported torch / timm (spawn re-imports them,
-    ~3 s a rank on a 2-core machine). The parent must not have a process group or CUDA open.
+    Spawned, not forked: a forked copy of the pytest process carries whatever earlier tests
+    loaded (scikit-learn/scipy's OpenMP runtime from the data tests), and such a child
+    segfaulted in test_ensemble. Spawn re-imports torch / timm (~3 s a rank on 2 cores).
     """
     import torch.multiprocessing as mp
 
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(fn, args=(world_size, free_port(), *args), nprocs=world_size, join=True,
-                       start_method=method)
+                       start_method="spawn")
 
 
 def init_gloo(rank: int, world_size: int, port: int, timeout_s: float = 60.0) -> None:

@@ -74,8 +74,12 @@ def test_sigkill_middle_rank_mid_stream(tmp_path, deit_ckpt):
     assert r.ranks[1].status == "failed"
     assert_replans_keep_survivors_busy(r, tmp_path)
     assert_resumed_from_furthest(r, load_unit_runs(tmp_path, r))
-    # rank 1 (units 2, 3) died on item 4; rank 0 had run units [0, 2) of items 4..7 by then
-    assert r.replans[0].resume_points == {str(k): [2, 2] for k in range(4, 8)}
+    # rank 1 (units 2, 3) died on item 4: every item in flight then (4 and those after it that
+    # were issued; also 2 and 3 where rank 1's sends of them had not left when it was killed)
+    # resumes from boundary 2, which rank 0 holds
+    points = r.replans[0].resume_points
+    assert "4" in points and all(v == [2, 2] for v in points.values()), points
+    assert set(points) <= {str(k) for k in range(2, 8)}, points
     assert_outputs_match(cfg, tmp_path)
 
 

@@ -142,7 +142,7 @@ def test_dead_peer_gives_a_gone_message(tmp_path):
     from runtime_helpers import free_port
 
     ctx = mp.start_processes(_gone_worker, args=(2, free_port(), str(tmp_path)), nprocs=2,
-                             join=False, start_method="fork")
+                             join=False, start_method="spawn")
     for p in ctx.processes:
         p.join(60)
     assert os.listdir(tmp_path) == ["0"]

@@ -2,7 +2,7 @@
 of sizes 1, 3 and 8 through dm(x), then a DataLoader through dm.map(...); the driver saves every
 output and, in the same process beforehand, model(x) on an identical copy.
 
-    python dm_script.py OUT MODEL[,MODEL...] [--kill-rank R]
+    python dm_script.py OUT MODEL[,MODEL...] [--kill-rank R] [--journal] [--init-group]
 """
 import copy
 import os
@@ -38,6 +38,8 @@ def main(out, names, kill_rank=None):
         loader = torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(torch.randn(10, 3, img, img), torch.arange(10)),
             batch_size=2)
+        if INIT_GROUP and not torch.distributed.is_initialized():  # the user's own group
+            torch.distributed.init_process_group("gloo")
         with lapdtr.distribute(model, img_size=img, micro_batches=2,
                                heartbeat_timeout_s=2.0) as dm:
             if dm.is_driver:
@@ -65,9 +67,13 @@ def main(out, names, kill_rank=None):
 
 
 JOURNAL = False
+INIT_GROUP = False
 
 if __name__ == "__main__":
     kill = None
+    if "--init-group" in sys.argv:
+        sys.argv.remove("--init-group")
+        INIT_GROUP = True
     if "--journal" in sys.argv:
         sys.argv.remove("--journal")
         JOURNAL = True
