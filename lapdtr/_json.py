@@ -69,7 +69,9 @@ def save_json(obj, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_json(cls, path: str | os.PathLike):
+def load_json(cls, path: str | os.PathLike, build=None):
+    """``cls`` from the JSON file at ``path`` (``build(data)`` if given, else
+    ``from_jsonable``); a missing file or bad JSON is a ``ValueError`` naming it."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{cls.__name__}: no such file {str(path)!r}")
@@ -77,4 +79,4 @@ def load_json(cls, path: str | os.PathLike):
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cls.__name__}: {str(path)!r} is not valid JSON: {e}") from e
-    return from_jsonable(cls, data)
+    return build(data) if build is not None else from_jsonable(cls, data)

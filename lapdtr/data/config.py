@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._json import to_jsonable
+from .._validate import check_fields, check_int
 
 __all__ = ["DataConfig", "parse_data_config", "DATA_KINDS", "SPLITS"]
 
@@ -64,12 +65,12 @@ class DataConfig:
             raise ValueError(f"{where}.split: kind {self.kind!r} has no splits (got "
                              f"{self.split!r}); allowed: a split with kind 'digits' only")
         if self.limit is not None:
-            _check_int(f"{where}.limit", self.limit, 1)
+            check_int(f"{where}.limit", self.limit, 1)
         if not isinstance(self.shuffle, bool):
             raise ValueError(f"{where}.shuffle: expected true or false, got {self.shuffle!r}")
-        _check_int(f"{where}.seed", self.seed, 0)
-        _check_int(f"{where}.num_workers", self.num_workers, 0)
-        _check_int(f"{where}.topk", self.topk, 1)
+        check_int(f"{where}.seed", self.seed, 0)
+        check_int(f"{where}.num_workers", self.num_workers, 0)
+        check_int(f"{where}.topk", self.topk, 1)
         return self
 
     @property
@@ -82,12 +83,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict, *, where: str = "data") -> "DataConfig":
-        if not isinstance(d, dict):
-            raise ValueError(f"{where}: expected a mapping of keys to values, got {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+        check_fields(cls, d, where)
         for k in ("kind", "split"):
             if k in d and not isinstance(d[k], str):
                 raise ValueError(f"{where}.{k}: expected a string, got {d[k]!r}")
@@ -111,7 +107,3 @@ def parse_data_config(value, where: str = "data") -> DataConfig:
     raise ValueError(f"{where}: expected a data kind ({', '.join(DATA_KINDS)}) or a mapping of "
                      f"keys to values, got {type(value).__name__}")
 
-
-def _check_int(key, v, lo):
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{key}: expected an integer >= {lo}, got {v!r}")

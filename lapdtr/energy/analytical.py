@@ -122,7 +122,7 @@ def transfer_time_s(devices, a: int, b: int, nbytes: float) -> float:
     if link is None:
         raise ValueError(f"no link between devices {devices[a].name!r} and {devices[b].name!r}: "
                          f"add a LinkProfile (peer name, or '*' for any peer) to one of them")
-    return link.latency_s + nbytes / link.bandwidth_bps
+    return link.latency_s + nbytes / link.bytes_per_s
 
 
 def _account_transfer(out, devices, p: int, c: int, nbytes: float) -> float:

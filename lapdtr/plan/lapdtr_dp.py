@@ -73,6 +73,7 @@ from ..energy.analytical import find_link
 from .cost import (Constraints, MissingLinkError, build_pipeline_plan, check_units_fit,
                    memory_limit, missing_links, usable_energy_j)
 from .registry import register_planner
+from .result import SolveResult
 from .throughput import solve_ordered_throughput, solve_throughput
 
 __all__ = ["Instance", "SolveResult", "solve", "solve_contiguous", "solve_ordered", "plan_lapdtr",
@@ -960,29 +961,6 @@ def _lagrangian(inst: Instance, win: _Windows, G, K, kind: str, best: _Best, clo
     return out
 
 
-class SolveResult:
-    """What :func:`solve` returns: the plan (assignment; None when infeasible) and its proof."""
-
-    def __init__(self, assignment, *, exact, lower_bound, objective_value, solver, stats):
-        self.assignment = assignment
-        self.exact = exact
-        self.lower_bound = lower_bound
-        self.objective_value = objective_value
-        self.solver = solver
-        self.stats = stats
-
-    @property
-    def gap(self) -> float:
-        if self.assignment is None:
-            return 0.0
-        if self.exact:
-            return 0.0
-        lb, v = self.lower_bound, self.objective_value
-        if lb > 0:
-            return max(0.0, (v - lb) / lb)
-        return 0.0 if v <= lb else _INF
-
-
 def _walk(inst: Instance, order, T: float):
     """Devices in ``order``, each taking the longest stage within T (memory, energy budget,
     period, allowed ends): the assignment when they cover the model, else None."""
@@ -1708,7 +1686,12 @@ def plan_lapdtr(model_profile, devices, cons: Constraints, *, max_expansions: in
         busy = _busier_tie(model_profile, devices, cons, inst, r, exclude, weights)
         if busy is not None:
             assignment = busy
-            meta["objective_value"] = float(_objective_of(inst, busy))
+            v = float(_objective_of(inst, busy))
+            # the gap is of the plan returned (where the search stopped early, the tie plan can
+            # score better than the one it found)
+            meta["objective_value"] = v
+            meta["gap"] = float(SolveResult(busy, exact=r.exact, lower_bound=r.lower_bound,
+                                            objective_value=v, solver=r.solver, stats={}).gap)
             meta["tie_break"] = "least period among the optimal plans"
     return build_pipeline_plan(model_profile, devices, assignment, strategy=strategy,
                                constraints=cons, meta=meta)

@@ -31,6 +31,8 @@ import math
 
 import numpy as np
 
+from .result import SolveResult
+
 __all__ = ["solve_throughput", "pipeline_period_s"]
 
 _REL = 1e-9
@@ -51,23 +53,6 @@ def pipeline_period_s(inst, assignment) -> float:
         best = max(best, t, tin)
         prev, a = d, b
     return float(best)
-
-
-class _Result:
-    def __init__(self, assignment, *, exact, lower_bound, objective_value, solver, stats):
-        self.assignment = assignment
-        self.exact = exact
-        self.lower_bound = lower_bound
-        self.objective_value = objective_value
-        self.solver = solver
-        self.stats = stats
-
-    @property
-    def gap(self) -> float:
-        if self.assignment is None or self.exact:
-            return 0.0
-        lb, v = self.lower_bound, self.objective_value
-        return max(0.0, (v - lb) / lb) if lb > 0 else (0.0 if v <= lb else math.inf)
 
 
 class _Dp:
@@ -253,15 +238,15 @@ def solve_throughput(inst, *, max_work: int = 400_000, exact_only: bool = False)
         lb = _lower_bound(inst)
         got, p = _heuristic(inst, lb)
         if got is None:
-            return _Result(None, exact=False, lower_bound=lb, objective_value=math.inf,
+            return SolveResult(None, exact=False, lower_bound=lb, objective_value=math.inf,
                            solver="walk", stats=stats)
         exact = p <= lb * (1 + _REL)
-        return _Result(got, exact=exact, lower_bound=p if exact else lb, objective_value=p,
+        return SolveResult(got, exact=exact, lower_bound=p if exact else lb, objective_value=p,
                        solver="walk", stats=stats)
     dp = _Dp(inst)
     p_star, cands = dp.minmax(collect=target is not None)
     if not p_star < math.inf:
-        return _Result(None, exact=True, lower_bound=math.inf, objective_value=math.inf,
+        return SolveResult(None, exact=True, lower_bound=math.inf, objective_value=math.inf,
                        solver="dp (infeasible)", stats=stats)
     assignment, _ = dp.least_latency(p_star, target)
     if assignment is None and target is not None:
@@ -269,7 +254,7 @@ def solve_throughput(inst, *, max_work: int = 400_000, exact_only: bool = False)
         cands = cands[cands > p_star * (1 + _REL)]
         lo, hi = 0, cands.size - 1
         if hi < 0 or dp.least_latency(float(cands[hi]), target)[0] is None:
-            return _Result(None, exact=True, lower_bound=math.inf, objective_value=math.inf,
+            return SolveResult(None, exact=True, lower_bound=math.inf, objective_value=math.inf,
                            solver="dp (infeasible)", stats=stats)
         while lo < hi:
             mid = (lo + hi) // 2
@@ -279,7 +264,7 @@ def solve_throughput(inst, *, max_work: int = 400_000, exact_only: bool = False)
                 lo = mid + 1
         assignment, _ = dp.least_latency(float(cands[hi]), target)
     p = pipeline_period_s(inst, assignment)
-    return _Result(assignment, exact=True, lower_bound=p, objective_value=p, solver="dp",
+    return SolveResult(assignment, exact=True, lower_bound=p, objective_value=p, solver="dp",
                    stats=stats)
 
 

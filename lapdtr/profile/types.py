@@ -2,10 +2,7 @@
 do). Plain dataclasses that round-trip through JSON (``profile.json``)."""
 from __future__ import annotations
 
-import json
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .._json import from_jsonable, load_json, save_json, to_jsonable
 
@@ -74,7 +71,6 @@ class ModelProfile:
 
 # LinkProfile's bandwidth field was ``bandwidth_bps``, which read as bits/s but held bytes/s
 RENAMED_LINK_KEYS = {"bandwidth_bps": "bytes_per_s"}
-_WARNED_BANDWIDTH_BPS = False
 
 
 def check_link_keys(d: dict, where: str = "LinkProfile") -> None:
@@ -98,16 +94,6 @@ class LinkProfile:
     bytes_per_s: float
     latency_s: float
     measured: bool = False
-
-    @property
-    def bandwidth_bps(self) -> float:
-        """Deprecated alias of ``bytes_per_s`` (it always held bytes/s, not bits/s); warns once."""
-        global _WARNED_BANDWIDTH_BPS
-        if not _WARNED_BANDWIDTH_BPS:
-            _WARNED_BANDWIDTH_BPS = True
-            warnings.warn("LinkProfile.bandwidth_bps was renamed bytes_per_s (bytes per second)",
-                          DeprecationWarning, stacklevel=2)
-        return self.bytes_per_s
 
     def to_dict(self) -> dict:
         return to_jsonable(self)
@@ -162,11 +148,4 @@ class DeviceProfile:
 
     @classmethod
     def load(cls, path) -> "DeviceProfile":
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"DeviceProfile: no such file {str(path)!r}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"DeviceProfile: {str(path)!r} is not valid JSON: {e}") from e
-        return cls.from_dict(data)
+        return load_json(cls, path, build=cls.from_dict)  # from_dict names renamed keys

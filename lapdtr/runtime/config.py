@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._json import to_jsonable
+from .._validate import check_fields, check_float, check_int
 
 __all__ = ["FaultSpec", "RunConfig", "load_run_config", "MODES", "BACKENDS", "FAULT_KINDS"]
 
@@ -31,8 +32,8 @@ class FaultSpec:
     def validate(self, where: str = "faults") -> None:
         if self.kind not in FAULT_KINDS:
             raise ValueError(f"{where}.kind: {self.kind!r} is not allowed; allowed: {list(FAULT_KINDS)}")
-        _check_int(f"{where}.rank", self.rank, 0)
-        _check_int(f"{where}.at_request", self.at_request, 0)
+        check_int(f"{where}.rank", self.rank, 0)
+        check_int(f"{where}.at_request", self.at_request, 0)
 
 
 @dataclass
@@ -94,30 +95,30 @@ class RunConfig:
             raise ValueError(f"mode: {self.mode!r} is not allowed; allowed: {list(MODES)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: {self.backend!r} is not allowed; allowed: {list(BACKENDS)}")
-        _check_int("world_size", self.world_size, 1)
+        check_int("world_size", self.world_size, 1)
         if self.img_size is not None:
-            _check_int("img_size", self.img_size, 1)
-        _check_int("seed", self.seed, 0)
-        _check_int("requests", self.requests, 1)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("micro_batches", self.micro_batches, 1)
+            check_int("img_size", self.img_size, 1)
+        check_int("seed", self.seed, 0)
+        check_int("requests", self.requests, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("micro_batches", self.micro_batches, 1)
         if self.micro_batches > self.batch_size:
             raise ValueError(f"micro_batches: {self.micro_batches} is more than batch_size "
                              f"{self.batch_size}; allowed: 1..{self.batch_size}")
         if self.threads_per_rank is not None:
-            _check_int("threads_per_rank", self.threads_per_rank, 1)
+            check_int("threads_per_rank", self.threads_per_rank, 1)
         if self.max_inflight is not None:
-            _check_int("max_inflight", self.max_inflight, 1)
+            check_int("max_inflight", self.max_inflight, 1)
         for key in ("pin_cpus", "tune_malloc"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key}: expected true or false, got {getattr(self, key)!r}")
-        _check_float("heartbeat_interval_s", self.heartbeat_interval_s, 1e-3)
-        _check_float("heartbeat_timeout_s", self.heartbeat_timeout_s, 1e-3)
+        check_float("heartbeat_interval_s", self.heartbeat_interval_s, 1e-3)
+        check_float("heartbeat_timeout_s", self.heartbeat_timeout_s, 1e-3)
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError(f"heartbeat_timeout_s: {self.heartbeat_timeout_s} must exceed "
                              f"heartbeat_interval_s ({self.heartbeat_interval_s})")
-        _check_float("join_timeout_s", self.join_timeout_s, 1e-3)
-        _check_int("cache_budget_bytes", self.cache_budget_bytes, 0)
+        check_float("join_timeout_s", self.join_timeout_s, 1e-3)
+        check_int("cache_budget_bytes", self.cache_budget_bytes, 0)
         if self.cuts is not None:
             if not isinstance(self.cuts, list) or not all(
                     isinstance(c, (int, str)) and not isinstance(c, bool) for c in self.cuts):
@@ -159,12 +160,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict, *, where: str = "config") -> "RunConfig":
-        if not isinstance(d, dict):
-            raise ValueError(f"{where}: expected a mapping of keys to values, got {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+        check_fields(cls, d, where)
         hints = typing.get_type_hints(cls)
         kw = {}
         for k, v in d.items():
@@ -204,14 +200,6 @@ def _coerce(key, tp, v):
     return v
 
 
-def _check_int(key, v, lo):
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{key}: expected an integer >= {lo}, got {v!r}")
-
-
-def _check_float(key, v, lo):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo:
-        raise ValueError(f"{key}: expected a number >= {lo}, got {v!r}")
 
 
 def load_run_config(path: str | Path, **overrides) -> RunConfig:

@@ -259,10 +259,3 @@ def test_the_old_link_field_name_is_an_error_giving_the_new_one(tmp_path):
     path.write_text(json.dumps(dev))
     with pytest.raises(ValueError, match="was renamed 'bytes_per_s'"):
         DeviceProfile.load(path)
-
-def test_the_old_attribute_reads_bytes_per_s_and_warns_once(monkeypatch):
-    import lapdtr.profile.types as types_mod
-
-    monkeypatch.setattr(types_mod, "_WARNED_BANDWIDTH_BPS", False)
-    with pytest.warns(DeprecationWarning, match="renamed bytes_per_s"):
-        assert LinkProfile("pi", 12.5e6, 3e-3).bandwidth_bps == 12.5e6
