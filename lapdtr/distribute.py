@@ -105,6 +105,9 @@ def distribute(model, *, plan=None, cuts=None, devices=None, strategy: str = "la
     if "world_size" in options or "mode" in options:
         raise ValueError("lapdtr.distribute: world_size and mode come from the job (the ranks "
                          "launched; pipeline); do not pass them")
+    from ._validate import check_int
+
+    check_int("micro_batches", micro_batches, 1)
     rank, world, host, port, own_group, server = _job_env()
     if not 0 <= driver < world:
         raise ValueError(f"lapdtr.distribute: driver={driver} is not a rank of this job "

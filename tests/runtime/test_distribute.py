@@ -160,6 +160,10 @@ def test_a_plan_for_another_model_is_an_error(tmp_path):
         lapdtr.distribute(_small(), img_size=64, plan=str(tmp_path / "plan.json"))
     with pytest.raises(ValueError, match="needs checkpoint="):
         lapdtr.distribute("resnet18")
+    with pytest.raises(ValueError, match="micro_batches: expected an integer >= 1, got 0"):
+        lapdtr.distribute(_small(), img_size=64, micro_batches=0)
+    with pytest.raises(ValueError, match="driver=3 is not a rank of this job"):
+        lapdtr.distribute(_small(), img_size=64, driver=3)
     with pytest.raises(ValueError, match="no_such_option"):
         lapdtr.distribute(_small(), img_size=64, no_such_option=1)
 
