@@ -6,10 +6,8 @@
 ``--root`` is ``root/<class>/<image>`` (torchvision's ``ImageFolder``); images are preprocessed
 with timm's eval transform for the model. Rank 0 writes ``predictions.jsonl`` (top-k classes per
 image), ``report.json`` (with ``meta["accuracy"]``: top-1/top-5) and ``config.json`` into ``--out``.
-A checkpoint from ``lapdtr.data.train_digits_checkpoint`` needs its ``model_kwargs``.
-
-Contract: the ``data`` block of ``RunConfig`` is ``lapdtr.data.DataConfig`` (parsed by
-``lapdtr.data.parse_data_config``); the runtime wires it in.
+A checkpoint from ``lapdtr.data.train_digits_checkpoint`` needs its ``model_kwargs``. The run is
+``lapdtr run`` with a ``data: {kind: image_folder, root: ...}`` block (``lapdtr.data.DataConfig``).
 """
 import argparse
 import json

@@ -31,7 +31,9 @@ class DataConfig:
     ``limit``: run only the first ``limit`` inputs (after shuffling). ``shuffle``: a random order,
     drawn from ``seed``, which also draws the digits split (keep 0 to evaluate checkpoints that
     ``train_digits_checkpoint`` trained). ``num_workers``: DataLoader worker processes.
-    ``topk``: classes kept per input in ``predictions.jsonl``.
+    ``topk``: classes kept per input in ``predictions.jsonl``. ``reference``: where the inputs
+    have labels, also run the checkpoint whole in one process on the same inputs after the run,
+    and report its accuracy beside the run's (``reference_accuracy``).
     """
 
     kind: str = "synthetic"
@@ -42,6 +44,7 @@ class DataConfig:
     seed: int = 0
     num_workers: int = 0
     topk: int = 5
+    reference: bool = True
 
     def validate(self, where: str = "data") -> "DataConfig":
         if self.kind not in DATA_KINDS:
@@ -66,8 +69,10 @@ class DataConfig:
                              f"{self.split!r}); allowed: a split with kind 'digits' only")
         if self.limit is not None:
             check_int(f"{where}.limit", self.limit, 1)
-        if not isinstance(self.shuffle, bool):
-            raise ValueError(f"{where}.shuffle: expected true or false, got {self.shuffle!r}")
+        for key in ("shuffle", "reference"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{where}.{key}: expected true or false, got "
+                                 f"{getattr(self, key)!r}")
         check_int(f"{where}.seed", self.seed, 0)
         check_int(f"{where}.num_workers", self.num_workers, 0)
         check_int(f"{where}.topk", self.topk, 1)

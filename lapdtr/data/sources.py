@@ -36,7 +36,10 @@ def model_data_config(model: nn.Module | None, img_size: int | None = None) -> d
     with ``input_size`` set to ``img_size`` when given. ``model=None``: timm's defaults."""
     from timm.data import resolve_data_config
 
-    cfg = dict(resolve_data_config({}, model=model))
+    if model is None:  # timm's defaults (ImageNet's mean and std, 224 px)
+        cfg = dict(resolve_data_config({"input_size": (3, 224, 224)}))
+    else:
+        cfg = dict(resolve_data_config({}, model=model))
     chans = _in_chans(model) if model is not None else int(cfg["input_size"][0])
     size = int(img_size) if img_size is not None else int(cfg["input_size"][-1])
     cfg["input_size"] = (chans, size, size)

@@ -50,7 +50,7 @@ def _cmd_demo(args) -> int:
     if args.no_plots:
         cfg.plots = False
     print(f"lapdtr demo: {cfg.model} on {cfg.world_size} local CPU ranks "
-          f"({cfg.devices}), {cfg.requests} requests; weights: "
+          f"({cfg.devices}), {cfg.num_requests} requests; weights: "
           f"{cfg.checkpoint or f'random (seed {cfg.seed})'}")
     run(cfg, echo=True)
     print(f"\nreport.json, plan.json, timeline.png and energy.png in {cfg.out}/")

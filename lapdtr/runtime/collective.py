@@ -43,7 +43,7 @@ def run_collective_mode(w, co_outputs: dict, cfg: RunConfig, rank: int, world_si
     report = w.report
     lat = []
     t_start = time.time()
-    for req in range(cfg.requests):
+    for req in range(cfg.num_requests):
         x = (request_input(cfg.seed, req, cfg.batch_size, img_size).to(w.device) if rank == 0
              else None)
         t0 = time.time()
@@ -156,7 +156,7 @@ def _collective_rank(cfg, rank, world_size, st: StoreView, setup, device):
         ranks.append(RankReport(**st.get_json("report", r)))
     labels = {k.energy_label for k in ranks if k.energy_label != "none"}
     report = RunReport(
-        model=cfg.model, mode=cfg.mode, world_size=world_size, requests=cfg.requests,
+        model=cfg.model, mode=cfg.mode, world_size=world_size, requests=cfg.num_requests,
         batch_size=cfg.batch_size, micro_batches=1, wall_s=wall,
         throughput_rps=len(lat) / wall if wall > 0 else 0.0,
         latency_p50_s=percentile(lat, 50), latency_p95_s=percentile(lat, 95),
@@ -165,7 +165,7 @@ def _collective_rank(cfg, rank, world_size, st: StoreView, setup, device):
         energy_j=sum(k.energy_j for k in ranks),
         energy_label=(labels.pop() if len(labels) == 1 else ("mixed" if labels else "none")),
         compute_s=sum(k.compute_s for k in ranks), comm_s=0.0, completed=len(lat),
-        duplicates=0, lost=cfg.requests - len(lat), ranks=ranks,
+        duplicates=0, lost=cfg.num_requests - len(lat), ranks=ranks,
         meta={"checkpoints": setup["checkpoints"], "img_size": setup["img_size"],
               "backend": dist.get_backend(), "torch": torch.__version__,
               "proportions": w.proportions, "aggregator": cfg.aggregator,

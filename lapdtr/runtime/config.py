@@ -12,12 +12,15 @@ from pathlib import Path
 
 from .._json import to_jsonable
 from .._validate import check_fields, check_float, check_int
+from ..data.config import DataConfig, parse_data_config
 
-__all__ = ["FaultSpec", "RunConfig", "load_run_config", "MODES", "BACKENDS", "FAULT_KINDS"]
+__all__ = ["FaultSpec", "RunConfig", "load_run_config", "MODES", "BACKENDS", "FAULT_KINDS",
+           "SYNTHETIC_REQUESTS"]
 
 MODES = ("pipeline", "tensor", "ensemble")
 BACKENDS = ("auto", "gloo", "nccl")
 FAULT_KINDS = ("kill", "drain")
+SYNTHETIC_REQUESTS = 16  # requests of a synthetic run that does not say
 
 
 @dataclass
@@ -43,7 +46,16 @@ class RunConfig:
     ``model``/``model_kwargs``: a supported timm model (``lapdtr.list_supported_models()``).
     ``cuts``: explicit cut points (unit indices or names), stage ``i`` on rank ``i``; otherwise
     ``plan`` (a ``plan.json``) or, with neither, the planner ``strategy`` on ``devices``.
-    ``requests`` requests of ``batch_size`` inputs each, each split into ``micro_batches``.
+    ``data``: where the inputs come from (``lapdtr.data.DataConfig``: ``synthetic``, the
+    default, ``image_folder`` or ``digits``; a kind name or a mapping of its keys). Request ``r``
+    is batch ``r`` of ``batch_size`` inputs (the last may be short), each split into
+    ``micro_batches``; ``requests`` caps them (default: every input of the data, or 16 synthetic
+    requests). ``predictions``: write the top-k classes of every input to
+    ``out/predictions.jsonl``; inputs with labels also put top-1/top-5 accuracy in the report,
+    beside the same checkpoint's accuracy run whole in one process (``data.reference``).
+    ``resume``: keep a journal of answered requests in ``out/journal``; a restarted run
+    (``torchrun --max-restarts``) computes only the requests it lacks (``None``: on when torchrun
+    may restart the workers, ``TORCHELASTIC_MAX_RESTARTS`` > 0).
     ``pin_cpus`` (gloo ranks): pin each rank to its own CPUs (``lapdtr.runtime.placement``).
     ``tune_malloc``: each rank keeps freed memory for reuse instead of faulting it in again
     (glibc; ``lapdtr.runtime.placement.tune_malloc``).
@@ -65,7 +77,10 @@ class RunConfig:
     objective: str = "energy"
     checkpoint: str | None = None
     seed: int = 0
-    requests: int = 16
+    requests: int | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    predictions: bool = True
+    resume: bool | None = None
     batch_size: int = 1
     micro_batches: int = 1
     max_inflight: int | None = None
@@ -99,7 +114,12 @@ class RunConfig:
         if self.img_size is not None:
             check_int("img_size", self.img_size, 1)
         check_int("seed", self.seed, 0)
-        check_int("requests", self.requests, 1)
+        if self.requests is not None:
+            check_int("requests", self.requests, 1)
+        self.data = parse_data_config(self.data, "data")
+        if self.mode != "pipeline" and self.data.kind != "synthetic":
+            raise ValueError(f"data: kind {self.data.kind!r} runs in mode 'pipeline'; mode "
+                             f"{self.mode!r} runs synthetic inputs (allowed: data 'synthetic')")
         check_int("batch_size", self.batch_size, 1)
         check_int("micro_batches", self.micro_batches, 1)
         if self.micro_batches > self.batch_size:
@@ -150,10 +170,17 @@ class RunConfig:
         if self.mode != "pipeline" and self.faults:
             raise ValueError(f"faults: only pipeline mode survives faults; mode {self.mode!r} is "
                              "built on collectives (allowed: faults with mode 'pipeline')")
-        for key in ("progress", "plots", "save_outputs"):
+        for key in ("progress", "plots", "save_outputs", "predictions"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key}: expected true or false, got {getattr(self, key)!r}")
+        if self.resume is not None and not isinstance(self.resume, bool):
+            raise ValueError(f"resume: expected true, false or null, got {self.resume!r}")
         return self
+
+    @property
+    def num_requests(self) -> int:
+        """The requests of a synthetic run: ``requests``, or ``SYNTHETIC_REQUESTS``."""
+        return self.requests if self.requests is not None else SYNTHETIC_REQUESTS
 
     def to_dict(self) -> dict:
         return to_jsonable(self)
@@ -178,6 +205,8 @@ class RunConfig:
                         raise ValueError(f"faults[{i}]: 'kind' and 'rank' are required")
                     fl.append(FaultSpec(**fd))
                 kw[k] = fl
+            elif k == "data":
+                kw[k] = parse_data_config(v, "data")
             else:
                 kw[k] = _coerce(k, hints[k], v)
         return cls(**kw).validate()

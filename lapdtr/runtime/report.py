@@ -154,6 +154,19 @@ def format_report(r: RunReport) -> str:
                 f"resumed at unit index: {e.resumed}")
     else:
         lines += ["", "no re-plans"]
+    acc, ref = r.meta.get("accuracy"), r.meta.get("reference_accuracy")
+    if acc and acc.get("count"):
+        line = (f"accuracy on {acc['count']} {r.meta.get('data', {}).get('kind', '')} inputs: "
+                f"top-1 {acc['top1']:.4f}, top-5 {acc['top5']:.4f} (measured)")
+        if ref and ref.get("count"):
+            line += (f"; the model whole in one process: top-1 {ref['top1']:.4f}, top-5 "
+                     f"{ref['top5']:.4f}")
+        lines += ["", line]
+    if r.meta.get("idle_ranks"):
+        lines += ["", f"idle: launched rank(s) {r.meta['idle_ranks']} got no units"]
+    if r.meta.get("resumed_requests"):
+        lines += ["", f"resumed: {r.meta['resumed_requests']} request(s) from the journal "
+                      f"{r.meta.get('journal')}, not computed again"]
     return "\n".join(lines)
 
 

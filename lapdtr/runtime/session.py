@@ -129,7 +129,7 @@ class PipelineSession:
             watcher.read()
             watcher.start()
             self.co = Coordinator(w, st, watcher, profile_fn=self.profile_fn,
-                                  progress_total=cfg.requests if cfg.progress else None,
+                                  progress_total=setup.get("requests") if cfg.progress else None,
                                   desc=f"{cfg.model} on {world} ranks")
             self.t_start = self.co.t_start = time.time()
 
@@ -168,10 +168,21 @@ def run_rank(cfg: RunConfig, rank: int, world_size: int, host: str, port: int,
         from .collective import run_collective_rank
 
         return run_collective_rank(cfg, rank, world_size, host, port, prefix)
-    from .prepare import prepare, profile_for, request_input
+    from .prepare import prepare, profile_for
+
+    feed = None
 
     def prepare_fn():
+        nonlocal feed
+        from .feed import RunFeed
+        from .stages import build_host
+
         setup = prepare(cfg, world_size)
+        host, _ = build_host(cfg.model, cfg.model_kwargs, setup["img_size"])
+        # the inputs are checked (a missing data root, a journal of another run) before any rank
+        # loads its stages
+        feed = RunFeed(cfg, host, setup["img_size"], checkpoint=setup["checkpoint"])
+        setup["requests"] = feed.total
         return setup
 
     def profile_fn():
@@ -186,17 +197,21 @@ def run_rank(cfg: RunConfig, rank: int, world_size: int, host: str, port: int,
             if not s.is_coordinator:
                 s.serve()
                 return None
-            img_size = s.setup["img_size"]
-            s.co.extend(request_input(cfg.seed, r, cfg.batch_size, img_size)
-                        for r in range(cfg.requests))
-            s.co.loop()
+            co = s.co
+            co.extend(feed.batches())
+            while not co.finished():
+                co.step()
+                feed.drain(co)
+            feed.drain(co)
             report = s.finish()
+            feed.close()
+            report.meta.update(feed.meta(feed.reference()))
             if cfg.save_outputs:
-                from .assemble import save_outputs
-
-                save_outputs(s.co, Path(cfg.out) / "outputs.safetensors")
+                feed.save_outputs(Path(cfg.out) / "outputs.safetensors")
             return report
         finally:
+            if feed is not None:
+                feed.close()
             s.close()
     except BaseException as e:
         s.fail(e)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..models.base import Unit, create_model, unit_owned_names, units
 
-__all__ = ["params_on_meta", "build_host", "write_checkpoint", "checkpoint_keys",
+__all__ = ["params_on_meta", "build_host", "load_model", "write_checkpoint", "checkpoint_keys",
            "check_checkpoint", "RankModel", "default_checkpoint_path"]
 
 
@@ -150,6 +150,17 @@ def _load_tensors(path: Path, keys: Sequence[str]) -> dict[str, torch.Tensor]:
             return {k: f.get_tensor(k) for k in keys}
     sd = _torch_load(path)
     return {k: sd[k].clone() for k in keys}
+
+
+def load_model(model_name: str, checkpoint: str | Path, model_kwargs: dict | None = None,
+               device: str | torch.device = "cpu") -> nn.Module:
+    """The whole model, in eval mode, with every tensor from ``checkpoint`` (checked against the
+    model first: a mismatch is a ``ValueError`` naming the keys)."""
+    path = _existing_file(checkpoint)
+    model = create_model(model_name, **(model_kwargs or {}))
+    check_checkpoint(path, model, model_name)
+    model.load_state_dict(_load_tensors(path, list(model.state_dict())), strict=True)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def _set_tensor(host: nn.Module, dotted: str, value: torch.Tensor | None) -> None:
