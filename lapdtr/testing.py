@@ -25,7 +25,12 @@ from torch import nn
 __all__ = ["informative_weights_", "write_informative_checkpoint", "scaled_atol",
            "assert_close_scaled", "unit_ablations", "assert_sees_every_unit", "REL_TOL"]
 
-REL_TOL = 1e-5  # fp32, relative to the largest value compared
+# fp32, relative to the largest value compared. 1e-5 was exceeded by 1.006x on an AMD EPYC host:
+# efficientvit_m0 on 3 gloo ranks (tests/runtime/test_pipeline.py), one logit of 1000 off by
+# 4.71e-6 where the largest is 0.468 (the same model in one process, 1 or 2 threads, is
+# bit-identical: the ranks' receive buffers change the kernels' summation order). Every unit's
+# skip or perturbation still fails the check at this tolerance (assert_sees_every_unit).
+REL_TOL = 2e-5
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lapdtr
-from lapdtr.testing import (assert_close_scaled, assert_sees_every_unit, informative_weights_,
+from lapdtr.testing import (REL_TOL, assert_close_scaled, assert_sees_every_unit, informative_weights_,
                             scaled_atol)
 
 
@@ -38,7 +38,7 @@ def test_informative_weights_clear_cached_attention_biases():
 
 def test_scaled_tolerance():
     ref = torch.tensor([[100.0, -3.0]])
-    assert scaled_atol(ref) == pytest.approx(1e-3)
-    assert_close_scaled(ref + 9e-4, ref)
+    assert scaled_atol(ref) == pytest.approx(100 * REL_TOL)
+    assert_close_scaled(ref + 0.9 * 100 * REL_TOL, ref)
     with pytest.raises(AssertionError, match="not close"):
-        assert_close_scaled(ref + 2e-3, ref)
+        assert_close_scaled(ref + 1.1 * 100 * REL_TOL, ref)
