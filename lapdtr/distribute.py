@@ -132,6 +132,39 @@ def distribute(model, *, plan=None, cuts=None, devices=None, strategy: str = "la
                             tmp=tmp)
 
 
+_EXIT = {"armed": False, "failed": False}
+
+
+def _guard_exit() -> None:
+    """If a closed transport left a receiver blocked on a peer that never said goodbye (one
+    declared dead while alive), end this process at exit with ``os._exit`` (1 after an uncaught
+    exception, else 0) before the interpreter's teardown, which gloo would abort
+    (``lapdtr.runtime.transport.exit_now_if_stuck``). A script's own ``sys.exit(n)`` code is
+    then read as 0."""
+    from .runtime.transport import stuck_peers
+
+    if _EXIT["armed"] or not stuck_peers():
+        return
+    import atexit
+    import sys
+
+    _EXIT["armed"] = True
+    hook = sys.excepthook
+
+    def excepthook(*exc):
+        _EXIT["failed"] = True
+        hook(*exc)
+
+    sys.excepthook = excepthook
+
+    def at_exit():
+        from .runtime.transport import exit_now_if_stuck
+
+        exit_now_if_stuck(1 if _EXIT["failed"] else 0)
+
+    atexit.register(at_exit)
+
+
 class DistributedModel(nn.Module):
     """A model split across ranks. On the driver: ``dm(x)``, ``dm.map(...)``, ``dm.report()``,
     ``dm.close()``; elsewhere: ``dm.serve()`` (or enter the context)."""
@@ -381,6 +414,7 @@ class DistributedModel(nn.Module):
 
     def _cleanup(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
+        _guard_exit()
 
     def __enter__(self):
         if not self.is_driver:

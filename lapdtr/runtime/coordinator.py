@@ -25,6 +25,7 @@ import torch.distributed as dist
 from ..profile.types import DeviceProfile
 from .control import RendezvousError, StoreView
 from .report import ReplanEvent
+from .steps import Packet
 from .transport import DATA
 from .worker import Worker, next_message
 
@@ -144,7 +145,10 @@ class Coordinator:
             self.duplicates += 1
             return
         now = time.time()
-        self.outputs[k] = msg.tensor.cpu()
+        y = msg.tensor
+        if isinstance(y, Packet):  # the last stage's codec sent several tensors
+            y = self.w.codec.decode(y, unit=self.w.n)
+        self.outputs[k] = y.cpu()
         self.n_done += 1
         del self.issue_time[k], self.inputs[k]
         req = self.item_request.pop(k)
@@ -274,7 +278,7 @@ class Coordinator:
                 self.left.append(r)
         gen = w.gen + 1
         self.st.set(("plan", gen), json.dumps(new_plan.to_dict()))
-        self.bump(gen=gen)
+        self.bump(gen=gen, failed=sorted(self.failed))  # a failed rank that wakes reads it
         w.transport.set_generation(gen)
         w.gen = gen
         w._apply_plan(new_plan)

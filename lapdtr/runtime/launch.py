@@ -26,10 +26,13 @@ def _entry(rank: int, cfg_dict: dict, world_size: int, host: str, port: int, pre
 
     if init_fn is not None:
         init_fn(rank)
+    from .transport import exit_now_if_stuck
+
     cfg = RunConfig.from_dict(cfg_dict)
     report = run_rank(cfg, rank, world_size, host, port, prefix)
     if report is not None:
         write_outputs(cfg, report, echo=False)
+    exit_now_if_stuck(0)
 
 
 def write_outputs(cfg: RunConfig, report: RunReport, *, echo: bool = True) -> Path:
@@ -142,6 +145,14 @@ def run_torchrun(cfg: RunConfig) -> RunReport | None:
     if cfg.world_size != world_size:
         cfg.world_size = world_size
         cfg.validate()
+    if cfg.resume is None:  # a job torchrun may restart resumes from its journal
+        cfg.resume = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt > 0 and cfg.faults:  # the fault happened; the restarted workers run without it
+        if rank == 0:
+            print(f"lapdtr: restart {attempt}: the config's injected faults fired in the first "
+                  "attempt and are not injected again", file=sys.stderr)
+        cfg.faults = []
     prefix = (f"lapdtr/{os.environ.get('TORCHELASTIC_RUN_ID', 'env')}/"
               f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
     report = run_rank(cfg, rank, world_size, host, port, prefix)
@@ -162,7 +173,10 @@ def main_torchrun(argv=None) -> int:
     p.add_argument("--out")
     p.add_argument("--requests", type=int)
     args = p.parse_args(argv)
+    from .transport import exit_now_if_stuck
+
     cfg = load_run_config(args.config, out=args.out, requests=args.requests)
     run_torchrun(cfg)
     sys.stdout.flush()
+    exit_now_if_stuck(0)
     return 0

@@ -83,10 +83,12 @@ class ItemWork:
 
 
 class Decode:
-    """The packet that arrived, as the tensor the first unit takes (on this rank's device)."""
+    """The packet that arrived, as the tensor the first unit takes (on this rank's device).
+    Unit 0 takes the model's input as the coordinator sent it: no codec made it."""
 
     def __call__(self, w, work: ItemWork) -> None:
-        x = w.codec.decode(work.packet, unit=work.unit)
+        x = work.packet.tensors[0] if work.unit == 0 else w.codec.decode(work.packet,
+                                                                         unit=work.unit)
         work.x = x if w.device.type == "cpu" else x.to(w.device)
 
 

@@ -53,6 +53,13 @@ completes; one of an older generation is then dropped, one of a newer generation
 re-planned first) is held until this rank moves to that generation. On close, a rank sends a
 ``bye`` header to each peer (and a byte for its posted payload buffer), which ends that peer's
 receiver thread for it.
+
+A peer that never says ``bye`` while its process lives (SIGSTOPped, then declared dead and
+re-planned around) leaves this rank's receiver thread for it blocked in a gloo receive that
+cannot be cancelled. Such a process must not run the interpreter's teardown: the thread, woken
+there when gloo's sockets close, aborts the process (``terminate called without an active
+exception``, exit -6). ``close`` records those peers (:func:`stuck_peers`) and
+:func:`exit_now_if_stuck` ends the process with ``os._exit`` once its work is done and flushed.
 """
 from __future__ import annotations
 
@@ -65,10 +72,39 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from .wire import HEADER_LEN, MAX_DIMS, pack_header, unpack_header
+from .steps import Packet
+from .wire import (HEADER_LEN, MAX_DIMS, PACKET_CODE, pack_header, pack_packet, packet_header,
+                   unpack_header, unpack_packet)
 
 __all__ = ["HEADER_TAG", "PAYLOAD_TAG", "MAX_DIMS", "Message", "Transport", "BoundaryCache",
-           "DATA", "CONTROL", "GONE"]
+           "DATA", "CONTROL", "GONE", "stuck_peers", "exit_now_if_stuck"]
+
+_STUCK: set[int] = set()  # peers whose receiver thread outlived a close in this process
+
+
+def stuck_peers() -> list[int]:
+    """Peers whose stream this process's transports closed without their ``bye``: their
+    receiver threads are still blocked in gloo (see the module docstring)."""
+    return sorted(_STUCK)
+
+
+def exit_now_if_stuck(code: int = 0) -> None:
+    """End the process with ``code`` now (stdio flushed, no interpreter teardown) if a closed
+    transport left a receiver thread blocked; otherwise return."""
+    if not _STUCK:
+        return
+    import os
+    import sys
+
+    print(f"lapdtr: rank process {os.getpid()}: no goodbye from rank(s) {stuck_peers()} (declared "
+          "dead while alive, or not responding); ending with os._exit so gloo's blocked receives "
+          "do not abort the exit", file=sys.stderr)
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:
+            pass
+    os._exit(code)
 
 HEADER_TAG = 1 << 30
 PAYLOAD_TAG = HEADER_TAG + 1
@@ -141,9 +177,11 @@ class _Capacity:
 
 
 def _header(kind: int, gen: int, src: int, item: int = 0, unit: int = 0,
-            x: torch.Tensor | None = None) -> torch.Tensor:
+            x: torch.Tensor | None = None, packet: bool = False) -> torch.Tensor:
     if x is None:
         h = [kind, gen, src, item, unit, *_NO_TENSOR]
+    elif packet:
+        h = [kind, gen, src, item, unit, _nbytes(x), *packet_header(_nbytes(x))]
     else:
         h = [kind, gen, src, item, unit, _nbytes(x), *pack_header(x.dtype, x.shape)]
     # a tensor over an array's buffer: a third of torch.tensor(list)'s time, on the hot path
@@ -225,6 +263,7 @@ class Transport:
         deadline = time.monotonic() + timeout_s
         for r in self._receivers:
             r.join(max(0.0, deadline - time.monotonic()))
+        _STUCK.update(r.src for r in self._receivers if r.is_alive())
 
     def send_control(self, dst: int, epoch: int, done: int) -> bool:
         """Tell ``dst`` the control epoch and that items below ``done`` are complete; ``False``
@@ -238,17 +277,21 @@ class Transport:
             self.graveyard = [(w, b) for w, b in self.graveyard if not w.is_completed()]
         return True
 
-    def send(self, dst: int, item: int, unit: int, x: torch.Tensor) -> int:
-        """Send ``x`` (the input of ``unit`` for ``item``) to ``dst``; returns bytes sent."""
+    def send(self, dst: int, item: int, unit: int, x: torch.Tensor | Packet) -> int:
+        """Send ``x`` (the input of ``unit`` for ``item``: a tensor, or a ``Packet`` of several,
+        which arrives as a ``Packet``) to ``dst``; returns bytes sent."""
         if dst == self.rank:
             self.local.append(Message(self.rank, item, unit, x, gen=self.gen))
             return 0
         t0 = time.perf_counter()
+        packet = isinstance(x, Packet)
+        if packet:  # one payload: a table of the tensors, then their bytes (wire.pack_packet)
+            x = pack_packet(x.tensors)
         x = x.contiguous()
         n = _nbytes(x)
         cap = self._out[dst]
         kind = cap.kind_for(n)
-        h = _header(kind, self.gen, self.rank, item, unit, x)
+        h = _header(kind, self.gen, self.rank, item, unit, x, packet)
         if x.device.type != "cpu":
             h = h.to(x.device)
         try:
@@ -364,8 +407,11 @@ class _Receiver(threading.Thread):
                     pw.wait()
                 rw, raw = self._recv(n, PAYLOAD_TAG)
                 rw.wait()
-            dtype, shape = unpack_header(tensor_header)
-            x = raw.view(dtype).view(shape)
+            if tensor_header[0] == PACKET_CODE:
+                x = Packet(unpack_packet(raw))
+            else:
+                dtype, shape = unpack_header(tensor_header)
+                x = raw.view(dtype).view(shape)
             with t._lock:
                 t.bytes_received += n
                 t.messages_received += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -161,17 +162,16 @@ class Worker:
             if self.refused == 1:
                 self.st.set(("tele", self.rank), json.dumps(self.telemetry()))
             return
-        work = ItemWork(item=msg.item, unit=msg.unit, end=self.end_of[msg.unit],
-                        packet=Packet((msg.tensor,)))
+        packet = msg.tensor if isinstance(msg.tensor, Packet) else Packet((msg.tensor,))
+        work = ItemWork(item=msg.item, unit=msg.unit, end=self.end_of[msg.unit], packet=packet)
         for step in self.chain:
             step(self, work)
 
     def send_packet(self, dst: int, item: int, unit: int, packet) -> int:
-        """One packet to ``dst``; returns the bytes sent (0 when ``dst`` is this rank)."""
-        if len(packet.tensors) != 1:
-            raise ValueError(f"rank {self.rank}: a packet of {len(packet.tensors)} tensors for "
-                             f"item {item}; the transport carries one tensor per message")
-        return self.transport.send(dst, item, unit, packet.tensors[0])
+        """One packet to ``dst``; returns the bytes sent (0 when ``dst`` is this rank). A packet
+        of one tensor goes as that tensor, one of several as one payload (``wire.pack_packet``)."""
+        return self.transport.send(dst, item, unit,
+                                   packet.tensors[0] if len(packet.tensors) == 1 else packet)
 
     def idle(self, dt: float) -> None:
         self.report.idle_s += dt
@@ -240,7 +240,8 @@ def next_message(w: Worker, until: float):
 def follower_loop(w: Worker) -> str:
     """Every rank but the coordinator: process messages, follow control changes. Returns
     ``"ok"`` when the coordinator stops the run, ``"left"`` when a re-plan gives this rank no
-    units."""
+    units, ``"declared_dead"`` when this rank wakes to find it was declared dead (it was stopped
+    past the heartbeat timeout) and re-planned around."""
     co = w.coordinator
     while True:
         if w.heartbeat is not None:
@@ -264,6 +265,11 @@ def follower_loop(w: Worker) -> str:
         if state.get("abort"):
             raise RendezvousError(state["abort"])
         if state["gen"] > w.gen:
+            if w.rank in state.get("failed", []):  # stopped (SIGSTOP, a hang) past the timeout
+                print(f"lapdtr: rank {w.rank} was declared dead by the coordinator (no heartbeat "
+                      f"for over {w.cfg.heartbeat_timeout_s} s) and its units were re-planned "
+                      "onto other ranks; it leaves the run", file=sys.stderr, flush=True)
+                return "declared_dead"
             if not _follow_replan(w, state["gen"]):
                 return "left"
             continue

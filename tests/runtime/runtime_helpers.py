@@ -335,3 +335,66 @@ def init_gloo(rank: int, world_size: int, port: int, timeout_s: float = 60.0) ->
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=timeout_s))
+
+
+def stop_rank1_then_wake(rank: int) -> None:
+    """``init_fn``: rank 1 is SIGSTOPped 50 ms after its first item and SIGCONTed 4 s later
+    (past the heartbeat timeout, so it has been declared dead and re-planned around). Writes
+    ``LAPDTR_TEST_OUT/rank1-exit.json`` from an ``atexit`` hook if it ends by returning."""
+    import os
+    import subprocess
+    import threading
+
+    from lapdtr.runtime import worker
+
+    install_stub_planner(rank)
+    if rank != 1:
+        return
+    original = worker.Worker.process
+    started = threading.Event()
+
+    def process(self, msg):
+        if not started.is_set():
+            started.set()
+            subprocess.Popen(["sh", "-c", f"sleep 0.05; kill -STOP {os.getpid()}; sleep 4; "
+                                          f"kill -CONT {os.getpid()}"])
+        return original(self, msg)
+
+    worker.Worker.process = process
+
+
+class SplitCodec:
+    """A codec whose packets hold three tensors: the boundary's flat halves and an int64 tag
+    (the unit it is for, then the shape). Decoding checks all three came and the tag's unit."""
+
+    name = "split-test"
+
+    def encode(self, y, *, unit):
+        from lapdtr.runtime.steps import Packet
+
+        flat = y.reshape(-1)
+        h = flat.numel() // 2
+        return Packet((flat[:h].clone(), flat[h:].clone(),
+                       torch.tensor([unit, *y.shape], dtype=torch.int64)))
+
+    def decode(self, packet, *, unit):
+        a, b, tag = packet.tensors
+        assert int(tag[0]) == unit, (int(tag[0]), unit)
+        return torch.cat([a, b]).reshape(tag[1:].tolist())
+
+    def reencode(self, packet, *, unit):
+        return packet
+
+
+def split_codec_everywhere(rank: int) -> None:
+    """``init_fn``: every rank's worker uses :class:`SplitCodec` (and the stub planner)."""
+    from lapdtr.runtime import worker
+
+    install_stub_planner(rank)
+    original = worker.Worker.__init__
+
+    def init(self, *a, **kw):
+        original(self, *a, **kw)
+        self.codec = SplitCodec()
+
+    worker.Worker.__init__ = init

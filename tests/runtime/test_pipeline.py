@@ -175,3 +175,42 @@ def test_sigkill_at_an_arbitrary_moment(tmp_path, deit_ckpt):
     figures = assert_resumed_from_furthest(r, load_unit_runs(tmp_path, r))
     assert any(u > 0 for u in figures[1]), figures  # rank 0 had run some in-flight item to 2
     assert_outputs_match(cfg, tmp_path)
+
+
+def test_a_rank_woken_after_it_was_declared_dead_exits_cleanly(tmp_path, deit_ckpt, capfd):
+    """Rank 1 is SIGSTOPped mid-stream and SIGCONTed 4 s later, past the heartbeat timeout: the
+    others re-plan around it and answer everything; it wakes, sees it was declared dead and
+    leaves; no process aborts in its exit (gloo's receive from the stopped rank cannot be
+    cancelled), and the outputs equal the single-process model's."""
+    from runtime_helpers import stop_rank1_then_wake
+
+    cfg = _deit(tmp_path, deit_ckpt, world_size=3, cuts=[2, 4], requests=40,
+                heartbeat_timeout_s=1.0)
+    r = run(cfg, timeout_s=200, init_fn=stop_rank1_then_wake)
+    assert r.completed == 40 and r.duplicates == 0 and r.lost == 0
+    assert [(e.kind, e.ranks) for e in r.replans] == [("failure", [1])]
+    assert [k.status for k in r.ranks] == ["ok", "failed", "ok"]
+    assert_outputs_match(cfg, tmp_path)
+    import time
+
+    deadline = time.time() + 15  # rank 1 wakes 4 s after it stopped; run() waits for it
+    err = ""
+    while time.time() < deadline and "declared dead" not in err:
+        time.sleep(0.5)
+        err += capfd.readouterr().err
+    assert "rank 1 was declared dead by the coordinator" in err, err[-2000:]
+    assert "terminate called" not in err, err[-2000:]
+
+
+def test_packets_of_several_tensors_cross_ranks_and_resume(tmp_path, deit_ckpt):
+    """A codec whose boundaries are three tensors: every message carries a packet (decode
+    checks all three came), rank 1 is killed at item 4 and the items resume from cached
+    packets; the outputs equal the single-process model's."""
+    from runtime_helpers import split_codec_everywhere
+
+    cfg = _deit(tmp_path, deit_ckpt, world_size=3, cuts=[2, 4], faults=[FaultSpec("kill", 1, 4)])
+    r = run(cfg, timeout_s=200, init_fn=split_codec_everywhere)
+    assert r.completed == 8 and r.duplicates == 0
+    assert [(e.kind, e.ranks) for e in r.replans] == [("failure", [1])]
+    assert all(v == [2, 2] for v in r.replans[0].resume_points.values())  # from cached packets
+    assert_outputs_match(cfg, tmp_path)

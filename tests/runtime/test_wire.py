@@ -89,6 +89,32 @@ def test_bad_headers():
         wire.code_dtype(99)
 
 
+def _packets():
+    """Packets of several tensors: every dtype, odd sizes (alignment), empty members."""
+    out = [tuple(sample(d, s, i) for i, (d, s) in enumerate(zip(wire.WIRE_DTYPES, SHAPES * 2)))]
+    out.append((sample(torch.float32, (1, 5, 7), 1), torch.arange(3), sample(torch.bool, (3,))))
+    out.append((sample(torch.float16, (0,)), sample(torch.int8, (7,)), sample(torch.float64, ())))
+    return out
+
+
+@pytest.mark.parametrize("k", range(3))
+def test_packets_round_trip_as_aligned_views(k):
+    ts = _packets()[k]
+    raw = wire.pack_packet(ts)
+    assert raw.dtype == torch.uint8 and raw.numel() % wire.ALIGN == 0
+    got = wire.unpack_packet(raw)
+    assert len(got) == len(ts) and all(same(a, b) for a, b in zip(got, ts))
+    assert all(g.numel() == 0 or g.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr()
+               for g in got)  # views of the payload, no copy
+    assert ts[-1].numel()  # the last member has bytes: cutting the payload's tail loses them
+    with pytest.raises(ValueError, match=f"too short for tensor {len(ts) - 1}"):
+        wire.unpack_packet(raw[:-wire.ALIGN])
+    with pytest.raises(ValueError, match=f"cannot hold {len(ts)} tensors"):
+        wire.unpack_packet(raw[:8 + 8 * wire.HEADER_LEN * len(ts) - 8])
+    with pytest.raises(ValueError, match="a packet's"):
+        wire.unpack_header(wire.packet_header(64))
+
+
 # ------------------------------------------------------------------- across two gloo ranks
 
 def _wire_worker(rank, world_size, port, out):
@@ -96,15 +122,25 @@ def _wire_worker(rank, world_size, port, out):
     cases = [(d, s) for d in wire.WIRE_DTYPES for s in SHAPES]
     # transport: every dtype and shape, payload as bytes, dtype and shape from the header
     tr = T.Transport(rank, torch.device("cpu"))
+    from lapdtr.runtime.steps import Packet
+
+    packets = _packets()
     if rank == 0:
         for i, (d, s) in enumerate(cases):
             assert tr.send(1, i, 3, sample(d, s, i)) == wire.itemsize(d) * sample(d, s, i).numel()
-        tr.release(range(len(cases)))
+        for j, ts in enumerate(packets):  # several tensors in one message
+            assert tr.send(1, len(cases) + j, 4, Packet(ts)) >= sum(t.nbytes for t in ts)
+        tr.release(range(len(cases) + len(packets)))
     else:
         for i, (d, s) in enumerate(cases):
             m = tr.poll(timeout_s=30.0)
             assert m is not None and (m.kind, m.item, m.unit) == (T.DATA, i, 3), i
             assert same(m.tensor, sample(d, s, i)), (i, d, s)
+        for j, ts in enumerate(packets):
+            m = tr.poll(timeout_s=30.0)
+            assert m is not None and (m.item, m.unit) == (len(cases) + j, 4), j
+            assert isinstance(m.tensor, Packet) and len(m.tensor.tensors) == len(ts)
+            assert all(same(a, b) for a, b in zip(m.tensor.tensors, ts)), j
     tr.close()
     dist.barrier()
     # broadcast_tensor: every dtype and shape, from either rank
