@@ -35,7 +35,9 @@ per-trial ratio, printed and saved with its spread (min-max over the trials):
     known shapes, nothing else (no headers, threads, caches, control plane), i.e. the sum of
     stage compute and transfer as it is on this machine; and, as a second reference, against
     lapdtr's own stage compute (CPU time, and wall time) plus a warm gloo ping-pong of each
-    boundary; the order of lapdtr and the bare pipeline alternates per trial too;
+    boundary; the order of lapdtr and the bare pipeline alternates per trial too; and
+    ``dm(x)`` of one image from a script that called ``lapdtr.distribute`` on the same ranks and
+    cuts, against ``lapdtr run``'s per-request latency (``dm_vs_run``);
   * the overhead per boundary in microseconds (a tiny message, one way: lapdtr's transport vs a
     plain gloo send/recv).
 
@@ -317,9 +319,38 @@ def _instrument_stages(out_dir: str, threads: int, rank: int) -> None:
     rp.Worker.finish_report = finish_metered
 
 
+def _dm_worker(rank, port, out_file, p, model_name, kw, cuts, requests, threads, img):
+    """``dm(x)`` of batch 1 from a user's script: every rank calls ``lapdtr.distribute`` on the
+    job's environment (the benchmark's store stands in for the launcher's); the driver times
+    ``requests`` calls after a warm-up."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(p), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(p), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      LAPDTR_STORE_HOSTED="1")
+    torch.manual_seed(0)
+    model = lapdtr.create_model(model_name, **kw).eval()
+    with lapdtr.distribute(model, cuts=cuts, threads_per_rank=threads, plots=False) as dm:
+        if dm.is_driver:
+            x = request_input(0, 0, 1, img)
+            for _ in range(5):
+                dm(x)
+            ts = []
+            for _ in range(requests):
+                t0 = time.perf_counter()
+                dm(x)
+                ts.append(time.perf_counter() - t0)
+            Path(out_file).write_text(json.dumps({"latency_s": ts}))
+
+
+def run_dm_latency(p, model_name, kw, cuts, requests, threads, img) -> float:
+    """The median ``dm(x)`` latency of batch 1 on ``p`` ranks (seconds)."""
+    return _median(_spawn(_dm_worker, p, p, model_name, kw, cuts, requests, threads,
+                          img)["latency_s"])
+
+
 def run_lapdtr(cfg: RunConfig, threads: int):
     """``run(cfg)`` with each rank's stage forwards metered in thread CPU time; returns the
     report and, per rank, (CPU seconds, wall seconds) per stage forward."""
+    cfg.predictions = False  # the baselines write none either
     meter_dir = Path(cfg.out) / "stage_cpu"
     meter_dir.mkdir(parents=True, exist_ok=True)
     for f in meter_dir.glob("rank*.json"):
@@ -587,7 +618,8 @@ def latency_section(args, results, units, n_units, n_trials, malloc) -> None:
           "(wall in brackets)")
     print(f"{'p':>2} {'lapdtr ms':>9} {'bare ms':>8} {'vs bare':>21} "
           f"{'compute ms cpu (wall)':>21} {'transfer ms':>11} {'vs cpu compute+transfer':>23} "
-          f"{'vs wall compute+transfer':>24} {'over bare/boundary us':>24}")
+          f"{'vs wall compute+transfer':>24} {'over bare/boundary us':>24} "
+          f"{'dm(x) ms':>8} {'dm(x) vs run':>20}")
     for p in args.ranks:
         cuts = even_cuts(n_units, p)
         tr = []
@@ -607,6 +639,8 @@ def latency_section(args, results, units, n_units, n_trials, malloc) -> None:
                     x["bare_p50_s"] = _median(run_bare(p, args.model, kw, cuts,
                                                        args.latency_requests, args.threads,
                                                        img, malloc))
+            x["dm_p50_s"] = run_dm_latency(p, args.model, kw, cuts, args.latency_requests,
+                                           args.threads, img)
             tr.append(x)
         sizes = [4 * 3 * img * img] + [int(torch.tensor(units[c - 1].out_shape).prod()) * 4
                                         for c in cuts] + [int(torch.tensor(units[-1].out_shape).prod()) * 4]
@@ -621,7 +655,8 @@ def latency_section(args, results, units, n_units, n_trials, malloc) -> None:
               "ratio_wall": spread([x["lapdtr_p50_s"] / (x["compute_wall_s"] + transfer)
                                     for x in tr]),
               "overhead_vs_bare_per_boundary_us": spread(
-                  [(x["lapdtr_p50_s"] - x["bare_p50_s"]) / boundaries * 1e6 for x in tr])}
+                  [(x["lapdtr_p50_s"] - x["bare_p50_s"]) / boundaries * 1e6 for x in tr]),
+              "dm_vs_run": spread([x["dm_p50_s"] / x["lapdtr_p50_s"] for x in tr])}
         lat, bare = _median([x["lapdtr_p50_s"] for x in tr]), _median([x["bare_p50_s"] for x in tr])
         c_cpu, c_wall = _median([x["compute_cpu_s"] for x in tr]), _median([x["compute_wall_s"] for x in tr])
         row = {"p": p, "latency_s": lat, "bare_latency_s": bare, "compute_cpu_s": c_cpu, "compute_wall_s": c_wall, "transfer_s": transfer,
@@ -633,7 +668,9 @@ def latency_section(args, results, units, n_units, n_trials, malloc) -> None:
         print(f"{p:>2} {lat * 1e3:>9.2f} {bare * 1e3:>8.2f} {fmt_spread(sp['vs_bare'], 3):>21} "
               f"{c_cpu * 1e3:>12.2f} ({c_wall * 1e3:>6.2f}) {transfer * 1e3:>11.3f} "
               f"{fmt_spread(sp['ratio_cpu'], 3):>23} {fmt_spread(sp['ratio_wall'], 3):>24} "
-              f"{fmt_spread(sp['overhead_vs_bare_per_boundary_us'], 0):>24}", flush=True)
+              f"{fmt_spread(sp['overhead_vs_bare_per_boundary_us'], 0):>24} "
+              f"{_median([x['dm_p50_s'] for x in tr]) * 1e3:>8.2f} "
+              f"{fmt_spread(sp['dm_vs_run'], 3):>20}", flush=True)
 
 
 if __name__ == "__main__":

@@ -104,8 +104,20 @@ class RunFeed:
     # -- the coordinator's side -------------------------------------------------------------
     def batches(self):
         """Input batches of the requests still to answer, in order (pulled by the coordinator
-        as its window frees)."""
+        as its window frees). Synthetic requests are drawn whole (``synthetic_request``, what
+        the dataset's rows are), not stacked from rows."""
         skip = set(self.resumed)
+        if self.data.kind == "synthetic" and not self.data.shuffle and self.data.limit is None:
+            from ..data import synthetic_request
+
+            base = self.dataset.base
+            for r in range(self.total):
+                if r not in skip:
+                    self.order.append(r)
+                    self.targets[r] = torch.full((len(self._rows(r)),), -1, dtype=torch.long)
+                    yield synthetic_request(self.cfg.seed, r, self.cfg.batch_size,
+                                            base.img_size, base.in_chans)
+            return
         if not skip:
             for r, (x, t) in enumerate(build_loader(self.data, None, img_size=None,
                                                     batch_size=self.cfg.batch_size,
@@ -117,8 +129,7 @@ class RunFeed:
         for r in range(self.total):  # only the missing ones are read
             if r in skip:
                 continue
-            rows = list(self._rows(r))
-            items = [self.dataset[i] for i in rows]
+            items = [self.dataset[i] for i in self._rows(r)]
             self.order.append(r)
             self.targets[r] = torch.tensor([t for _, t in items], dtype=torch.long)
             yield torch.stack([x for x, _ in items])

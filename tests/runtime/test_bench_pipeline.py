@@ -65,7 +65,9 @@ def test_pipeline_benchmark_smoke(tmp_path):
         assert row[key] == s["median"], key
     assert lat["latency_s"] > 0 and lat["bare_latency_s"] > 0 and lat["compute_cpu_s"] > 0
     assert lat["trial_order"] == [["lapdtr", "bare"]]
-    for key in ("vs_bare", "ratio_cpu", "ratio_wall", "overhead_vs_bare_per_boundary_us"):
+    assert all(t["dm_p50_s"] > 0 for t in lat["trials"])  # dm(x) from a user's script
+    for key in ("vs_bare", "ratio_cpu", "ratio_wall", "overhead_vs_bare_per_boundary_us",
+                "dm_vs_run"):
         assert len(lat["spread"][key]["trials"]) == 1 and lat[key] == lat["spread"][key]["median"]
     assert res["boundary_overhead"]["lapdtr_one_way_us"] > 0 and res["malloc"] == "tuned"
     for text in ("vs gpipe", "eff/steady (no flush)", "eff/flushed bubble", "per-boundary overhead"):

@@ -27,9 +27,10 @@ def _both_pass(worker, tmp_path):
 
 def _tensors():
     """What rank 0 sends, in order: new shapes and dtypes, larger (grow) and smaller (fits),
-    empty, scalar, 8-dim, then a run of small ones long enough for the capacity to shrink."""
+    empty, scalar, 8-dim (these tiny ones inside their headers), then a run of medium ones long
+    enough for the capacity to shrink."""
     g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(2, 3, generator=g),                        # first message: a grow
+    xs = [torch.randn(2, 3, generator=g),                        # first message: inline
           torch.randn(4, 197, 192, generator=g),                 # larger: a grow
           torch.randn(1, 197, 192, generator=g),                 # smaller: fits
           torch.randint(-5, 5, (3, 7), generator=g, dtype=torch.int64),
@@ -39,7 +40,7 @@ def _tensors():
           torch.zeros(0, 3),                                      # empty
           torch.tensor(2.5),                                      # 0-dim
           torch.randn(*([2] * T.MAX_DIMS), generator=g)]          # the most dims a header holds
-    xs += [torch.randn(3, generator=g) for _ in range(T._SHRINK_AFTER + 2)]
+    xs += [torch.randn(T.INLINE_BYTES // 4 + 1, generator=g) for _ in range(T._SHRINK_AFTER + 2)]
     xs.append(torch.randn(4, 197, 192, generator=g))            # large again after the shrink
     return xs
 
@@ -54,7 +55,9 @@ def _transport_worker(rank, world_size, port, out):
         tr.send_control(1, 42, 17)
         tr.set_generation(1)
         tr.send(1, 100, 0, torch.ones(2))
-        assert tr.grows == 3, tr.grows  # first message, first large one, large after shrinking
+        assert tr.grows == 2, tr.grows  # the first large one, and large again after shrinking
+        small = [x for x in xs if x.numel() * x.element_size() <= T.INLINE_BYTES]
+        assert tr.inlined == len(small) + 1 == 8, tr.inlined  # and the generation-1 message
         assert tr._out[1].cap == 4 * 197 * 192 * 4
         while (m := tr.poll(timeout_s=30.0)) is None or m.kind != T.DATA:
             pass
@@ -88,9 +91,9 @@ def _transport_worker(rank, world_size, port, out):
 
 def tr_cap_after(xs):
     c = T._Capacity(True)
-    for x in xs:
-        c.update(x.numel() * x.element_size())
-    c.update(8)  # the generation-1 message
+    for x in xs:  # payloads that travel inside their headers leave the capacity as it is
+        if x.numel() * x.element_size() > T.INLINE_BYTES:
+            c.update(x.numel() * x.element_size())
     return c.cap
 
 
