@@ -206,17 +206,22 @@ def _overhead_worker(rank, port, out_file, reps):
         return msg
 
     res = {"gloo": _gloo_pingpong(x, rank, reps, 5)}
+    send_s = []
     for i in range(reps + 5):
         if i == 5:
             t0 = time.perf_counter()
+            send_s.clear()
         if rank == 0:
+            ts = time.perf_counter()
             tr.send(1, i, 0, x)
+            send_s.append(time.perf_counter() - ts)
             recv()
         else:
             recv()
             tr.send(0, i, 0, x)
         tr.release([i])  # the reply says the item is done, as the coordinator would
     res["lapdtr"] = (time.perf_counter() - t0) / reps / 2
+    res["send_call"] = _median(send_s)
     tr.close()
     if rank == 0:
         Path(out_file).write_text(json.dumps(res))
@@ -229,7 +234,8 @@ def boundary_overhead_us(reps=300) -> dict:
     overhead."""
     res = _spawn(_overhead_worker, 2, reps)
     return {"gloo_one_way_us": res["gloo"] * 1e6, "lapdtr_one_way_us": res["lapdtr"] * 1e6,
-            "overhead_us": (res["lapdtr"] - res["gloo"]) * 1e6}
+            "overhead_us": (res["lapdtr"] - res["gloo"]) * 1e6,
+            "lapdtr_send_call_us": res["send_call"] * 1e6}
 
 
 def _bare_worker(rank, port, out_file, p, model_name, kw, cuts, requests, threads, img, malloc):
