@@ -1,0 +1,175 @@
+"""Elastic heads and MLP widths for DeiT/ViT: full width is the original exactly; a reduced
+width equals zeroing the dropped heads / hidden units; weights are sliced as views."""
+import pytest
+import torch
+from torch import nn
+
+import lapdtr
+from lapdtr.elastic import (ElasticAttention, ElasticError, ElasticMlp, make_elastic,
+                            order_by_magnitude_, set_width, widths)
+from lapdtr.testing import assert_close_scaled, informative_weights_
+
+
+def _deit(**kw):
+    torch.manual_seed(0)
+    m = lapdtr.create_model("deit_tiny_patch16_224", depth=3, img_size=64, **kw).eval()
+    x = torch.randn(2, 3, 64, 64)
+    informative_weights_(m, seed=1, probe=x)  # no block invisible in the logits
+    return m, x
+
+
+def _zeroing_reference(model, heads: int, hidden: int, x):
+    """The original model with heads >= ``heads`` zeroed before each ``proj`` and hidden units
+    >= ``hidden`` zeroed before each ``fc2``."""
+    hooks = []
+    for mod in model.modules():
+        if isinstance(mod, ElasticAttention):
+            d = heads * mod.head_dim
+
+            def cut(m, args, d=d):
+                (a,) = args
+                a = a.clone()
+                a[..., d:] = 0
+                return (a,)
+            hooks.append(mod.proj.register_forward_pre_hook(cut))
+        elif isinstance(mod, ElasticMlp):
+            def cut(m, args, h=hidden):
+                (a,) = args
+                a = a.clone()
+                a[..., h:] = 0
+                return (a,)
+            hooks.append(mod.fc2.register_forward_pre_hook(cut))
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_full_width_is_the_original_exactly_and_keys_are_unchanged():
+    model, x = _deit()
+    with torch.no_grad():
+        want = model(x)
+    keys = list(model.state_dict())
+    make_elastic(model)
+    assert sum(isinstance(m, ElasticAttention) for m in model.modules()) == 3
+    assert sum(isinstance(m, ElasticMlp) for m in model.modules()) == 3
+    assert list(model.state_dict()) == keys  # checkpoints and load_units keep working
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+    set_width(model, 0.5)
+    set_width(model, 1.0)
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+
+
+@pytest.mark.parametrize("ratio, heads, hidden", [(0.75, 2, 576), (0.5, 2, 384), (0.34, 1, 261),
+                                                  (0.01, 1, 8)])
+def test_reduced_width_equals_zeroing_the_dropped_units(ratio, heads, hidden):
+    model, x = _deit()
+    make_elastic(model)
+    with torch.no_grad():
+        full = model(x)
+    got_w = set_width(model, ratio)
+    assert got_w["heads"] == [(heads, 3)] * 3 and got_w["hidden"] == [(hidden, 768)] * 3
+    with torch.no_grad():
+        y = model(x)
+    set_width(model, 1.0)
+    want = _zeroing_reference(model, heads, hidden, x)
+    assert_close_scaled(y, want)
+    assert (y - full).abs().max() > 100 * 2e-5 * full.abs().max()  # the width changed the logits
+
+
+def test_heads_and_hidden_set_apart():
+    model, x = _deit()
+    make_elastic(model)
+    set_width(model, heads=1.0, hidden=0.25)
+    assert widths(model) == {"heads": [(3, 3)] * 3, "hidden": [(192, 768)] * 3}
+    with torch.no_grad():
+        y = model(x)
+    set_width(model, 1.0)
+    assert_close_scaled(y, _zeroing_reference(model, 3, 192, x))
+
+
+def test_weights_are_sliced_as_views_not_copied():
+    """At a reduced width no op copies a weight: the profiler sees no copy, clone, cat or
+    contiguous of a tensor as large as the smallest block weight (the activations copied at
+    this size, 2 x 17 tokens, are far smaller)."""
+    model, x = _deit()
+    make_elastic(model)
+    set_width(model, 0.5)
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        model(x)
+    smallest_weight = min(p.numel() for n, p in model.named_parameters()
+                          if n.endswith("weight") and p.dim() == 2 and "blocks" in n)
+    copies = []
+    for e in prof.events():
+        if e.name in ("aten::copy_", "aten::clone", "aten::cat", "aten::contiguous"):
+            for shape in e.input_shapes:
+                n = 1
+                for s in shape or []:
+                    n *= s
+                if shape and n >= smallest_weight:
+                    copies.append((e.name, shape))
+    assert not copies, copies
+
+
+def test_magnitude_order_keeps_the_full_width_output_and_puts_the_largest_first():
+    model, x = _deit()
+    make_elastic(model)
+    with torch.no_grad():
+        full = model(x)
+    from lapdtr.elastic.vit import head_magnitude, hidden_magnitude
+
+    applied = order_by_magnitude_(model)
+    assert len(applied) == 6
+    with torch.no_grad():
+        assert_close_scaled(model(x), full)
+    for mod in model.modules():
+        score = head_magnitude(mod) if isinstance(mod, ElasticAttention) else (
+            hidden_magnitude(mod) if isinstance(mod, ElasticMlp) else None)
+        if score is not None:
+            assert torch.all(score[:-1] >= score[1:])
+
+
+def test_a_partitioned_elastic_model_runs_stage_by_stage():
+    model, x = _deit()
+    make_elastic(model)
+    set_width(model, 0.5)
+    with torch.no_grad():
+        want = model(x)
+        y = x
+        for s in lapdtr.partition(model, ["blocks.1"]):
+            y = s(y)
+    assert torch.equal(y, want)
+
+
+@pytest.mark.parametrize("bad, match", [(0, r"width ratio; allowed: a number in \(0, 1\]"),
+                                        (1.5, r"allowed: a number in \(0, 1\]"),
+                                        (-0.1, r"\(0, 1\]"), (True, r"\(0, 1\]")])
+def test_a_ratio_outside_0_1_is_named(bad, match):
+    model, _ = _deit()
+    make_elastic(model)
+    with pytest.raises(ElasticError, match=match):
+        set_width(model, bad)
+    assert widths(model)["heads"] == [(3, 3)] * 3  # nothing changed
+
+
+def test_bad_counts_and_models_are_named():
+    model, _ = _deit()
+    make_elastic(model)
+    attn = next(m for m in model.modules() if isinstance(m, ElasticAttention))
+    with pytest.raises(ElasticError, match=r"heads=4; allowed: 1\.\.3"):
+        attn.set_heads(4)  # k > h
+    with pytest.raises(ElasticError, match="has no elastic layers here yet; allowed: the 'vit'"):
+        make_elastic(lapdtr.create_model("resnet18"))
+    with pytest.raises(ElasticError, match="make_elastic"):
+        set_width(lapdtr.create_model("deit_tiny_patch16_224", depth=1), 0.5)
+    # a norm over every head cannot drop part of them exactly: refused, nothing changed
+    attn.norm = nn.LayerNorm(attn.attn_dim)
+    with pytest.raises(ElasticError, match="scale_norm"):
+        set_width(model, 0.5)
+    assert widths(model)["hidden"] == [(768, 768)] * 3
