@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["check_ratio", "count_for", "check_count", "ElasticError"]
+__all__ = ["check_ratio", "count_for", "check_count", "ElasticError", "ElasticHeads",
+           "ElasticHidden", "check_permutation"]
 
 
 class ElasticError(ValueError):
@@ -34,3 +35,94 @@ def check_count(k, total: int, what: str, where: nn.Module | str = "") -> int:
         name = where if isinstance(where, str) else type(where).__name__
         raise ElasticError(f"{name}{': ' if name else ''}{what}={k!r}; allowed: 1..{total}")
     return k
+
+
+class ElasticHeads:
+    """Mixin of an elastic attention: ``num_heads`` of it, ``active_heads`` run. A subclass
+    says whether it can run fewer heads exactly (``exact_below_full``) and implements
+    ``reorder_(order)`` and ``magnitude()`` (data-free importance per head)."""
+
+    active_heads: int
+    reason_inexact = "this attention cannot run part of its heads exactly"
+
+    def exact_below_full(self) -> bool:
+        return True
+
+    def check_heads(self, k: int) -> int:
+        """``k`` if this layer can run ``k`` heads, else an ``ElasticError`` naming the allowed."""
+        check_count(k, self.num_heads, "heads", type(self).__name__)
+        if k < self.num_heads and not self.exact_below_full():
+            raise ElasticError(f"{type(self).__name__}: {self.reason_inexact}; allowed: "
+                               f"heads={self.num_heads} only")
+        return k
+
+    def set_heads(self, k: int) -> None:
+        self.active_heads = self.check_heads(k)
+
+    @property
+    def heads_now(self) -> int:
+        return getattr(self, "active_heads", self.num_heads)
+
+
+class ElasticHidden:
+    """Mixin of an elastic MLP over ``fc1`` / ``fc2`` linears: ``active_hidden`` of its hidden
+    units run (the first ones: ``fc1``'s rows, ``fc2``'s columns)."""
+
+    active_hidden: int
+
+    @property
+    def hidden_features(self) -> int:
+        return self.fc1.out_features
+
+    @property
+    def hidden_now(self) -> int:
+        return getattr(self, "active_hidden", self.hidden_features)
+
+    def exact_below_full(self) -> bool:
+        return True
+
+    def check_hidden(self, m: int) -> int:
+        check_count(m, self.hidden_features, "hidden", type(self).__name__)
+        if m < self.hidden_features and not self.exact_below_full():
+            raise ElasticError(f"{type(self).__name__}: a norm over all hidden units cannot run "
+                               f"part of them exactly; allowed: hidden={self.hidden_features} only")
+        return m
+
+    def set_hidden(self, m: int) -> None:
+        self.active_hidden = self.check_hidden(m)
+
+    def hidden_forward(self, x, m: int):
+        """fc1's first ``m`` rows, act, drop1, fc2's first ``m`` columns, drop2 (views)."""
+        import torch.nn.functional as F
+
+        b = self.fc1.bias
+        x = F.linear(x, self.fc1.weight[:m], None if b is None else b[:m])
+        x = self.drop1(self.act(x))
+        return self.drop2(F.linear(x, self.fc2.weight[:, :m], self.fc2.bias))
+
+    def magnitude(self):
+        """Data-free importance of each hidden unit: ``|fc1 row| · |fc2 column|``."""
+        return self.fc1.weight.norm(dim=1) * self.fc2.weight.norm(dim=0)
+
+    def reorder_(self, order) -> None:
+        """Reorder the hidden units in place (``fc1`` rows, ``fc2`` columns)."""
+        import torch
+
+        m = self.hidden_features
+        order = torch.as_tensor(order, dtype=torch.long)
+        if sorted(order.tolist()) != list(range(m)):
+            raise ElasticError(f"reorder_: not a permutation of 0..{m - 1}")
+        with torch.no_grad():
+            self.fc1.weight.copy_(self.fc1.weight[order])
+            if self.fc1.bias is not None:
+                self.fc1.bias.copy_(self.fc1.bias[order])
+            self.fc2.weight.copy_(self.fc2.weight[:, order])
+
+
+def check_permutation(order, n: int, what: str):
+    import torch
+
+    order = torch.as_tensor(order, dtype=torch.long)
+    if sorted(order.tolist()) != list(range(n)):
+        raise ElasticError(f"{what}: {order.tolist()} is not a permutation of 0..{n - 1}")
+    return order
