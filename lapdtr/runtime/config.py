@@ -53,6 +53,10 @@ class RunConfig:
     requests). ``predictions``: write the top-k classes of every input to
     ``out/predictions.jsonl``; inputs with labels also put top-1/top-5 accuracy in the report,
     beside the same checkpoint's accuracy run whole in one process (``data.reference``).
+    ``elastic``: run the attention heads and MLP widths of every rank's stages at a width its
+    energy allows (``lapdtr.elastic.WidthPolicy`` keys: ``kind`` linear / threshold / plan,
+    ``min_ratio``, ``steps``, ``hysteresis``, ``min_dwell_s``, ``plan_ratio``); families in
+    ``lapdtr.elastic.FAMILIES``, pipeline mode.
     ``resume``: keep a journal of answered requests in ``out/journal``; a restarted run
     (``torchrun --max-restarts``) computes only the requests it lacks (``None``: on when torchrun
     may restart the workers, ``TORCHELASTIC_MAX_RESTARTS`` > 0).
@@ -92,6 +96,7 @@ class RunConfig:
     cache_budget_bytes: int = 256 * 2**20
     spill_dir: str | None = None
     faults: list[FaultSpec] = field(default_factory=list)
+    elastic: dict | None = None
     proportions: list | None = None
     aggregator: str = "mean"
     ensemble_models: list | None = None
@@ -173,9 +178,32 @@ class RunConfig:
         for key in ("progress", "plots", "save_outputs", "predictions"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key}: expected true or false, got {getattr(self, key)!r}")
+        if self.elastic is not None:
+            self.width_policy()  # checks keys and values
+            from ..elastic import FAMILIES
+            from ..models.base import get_adapter_for_name
+
+            family = get_adapter_for_name(self.model).name
+            if family not in FAMILIES:
+                raise ValueError(f"elastic: model {self.model!r} is of family {family!r}, which "
+                                 f"has no elastic layers yet; allowed: {sorted(FAMILIES)}")
+            if self.mode != "pipeline":
+                raise ValueError(f"elastic: runs in mode 'pipeline' (got {self.mode!r})")
         if self.resume is not None and not isinstance(self.resume, bool):
             raise ValueError(f"resume: expected true, false or null, got {self.resume!r}")
         return self
+
+    def width_policy(self):
+        """``elastic`` as a validated ``lapdtr.elastic.WidthPolicy`` (``None`` without it)."""
+        if self.elastic is None:
+            return None
+        from ..elastic import WidthPolicy
+
+        if not isinstance(self.elastic, dict):
+            raise ValueError(f"elastic: expected a mapping of WidthPolicy keys, got "
+                             f"{self.elastic!r}")
+        check_fields(WidthPolicy, self.elastic, "elastic")
+        return WidthPolicy(**self.elastic).validate()
 
     @property
     def num_requests(self) -> int:

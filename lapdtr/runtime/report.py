@@ -41,6 +41,7 @@ class RankReport:
     energy_j: float = 0.0
     remaining_j: float | None = None
     energy_label: str = "none"
+    widths: list = field(default_factory=list)  # [t_s, width ratio] at the start and each change
     param_bytes: int = 0
     weights_loaded_bytes: int = 0
     cache_peak_bytes: int = 0

@@ -271,9 +271,16 @@ class RankModel:
         self.loaded.difference_update(names)
 
     def supports(self, *, width: float = 1.0, keep_ratio: float = 1.0) -> bool:
-        """Whether the units run at ``width`` of their heads / hidden units and ``keep_ratio`` of
-        their tokens (full width and every token only, until elastic layers are wired in)."""
-        return width == 1.0 and keep_ratio == 1.0
+        """Whether the units run at ``width`` of their heads / hidden units (any width in (0, 1]
+        once ``lapdtr.elastic.make_elastic`` swapped their layers, else full width only) and
+        ``keep_ratio`` of their tokens (every token only, until summarization is wired in)."""
+        if keep_ratio != 1.0:
+            return False
+        if width == 1.0:
+            return True
+        from ..elastic import elastic_layers
+
+        return 0.0 < width < 1.0 and bool(elastic_layers(self.host))
 
     def param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.host.parameters()

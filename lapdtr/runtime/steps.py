@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["Packet", "Codec", "IdentityCodec", "ItemWork", "Decode", "Settings", "RunUnits",
-           "Encode", "CacheBoundary", "Send", "default_chain"]
+           "Encode", "CacheBoundary", "Send", "FullWidth", "default_chain"]
 
 
 @dataclass
@@ -115,6 +115,8 @@ class RunUnits:
 
     def __call__(self, w, work: ItemWork) -> None:
         t0 = time.time()
+        if w.widths.apply(work.width):  # the elastic layers, at the width Settings chose
+            w.report.widths.append([t0 - w.t0, work.width])
         c0 = time.perf_counter()
         work.y = w.model.run(work.x, work.unit, work.end)
         if w.device.type == "cuda":
@@ -148,6 +150,15 @@ class Send:
         work.sent_bytes = w.send_packet(work.dst, work.item, work.end, work.out)
         if work.sent_bytes:
             w.meter.record_bytes(sent=work.sent_bytes)
+
+
+class FullWidth:
+    """The width hook of a rank without elastic layers: full width, always."""
+
+    width = 1.0
+
+    def apply(self, width: float) -> bool:
+        return False
 
 
 def default_chain() -> list:

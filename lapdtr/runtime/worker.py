@@ -23,7 +23,7 @@ from .control import RendezvousError, StoreView
 from .placement import Placement
 from .report import RankReport, percentile
 from .stages import RankModel
-from .steps import IdentityCodec, ItemWork, Packet, default_chain
+from .steps import FullWidth, IdentityCodec, ItemWork, Packet, Settings, default_chain
 from .transport import CONTROL, DATA, GONE, BoundaryCache, Transport
 
 __all__ = ["Worker", "follower_loop", "next_message", "cpu_time", "SAFETY_POLL_S"]
@@ -74,8 +74,11 @@ class Worker:
         self.placement = placement
         self.malloc_tuned = malloc_tuned
         self.heartbeat = None
+        self.widths = FullWidth()
         self._apply_plan(self.plan)
         self._make_meter()
+        if cfg.elastic is not None:
+            self._make_elastic(cfg.width_policy())
         for i, f in enumerate(cfg.faults):
             if f.kind == "drain" and f.rank == rank and not self.meter.can_drain:
                 raise ValueError(f"faults[{i}]: 'drain' needs a battery on rank {rank}, but its "
@@ -120,6 +123,18 @@ class Worker:
         self.energy_min_j = dev.energy_min_j
         self.report.energy_label = self.meter.label
 
+    def _make_elastic(self, policy) -> None:
+        """Elastic layers in this rank's model, and the Settings step asking the width
+        controller for each item's width from this rank's energy."""
+        from ..elastic import make_elastic
+        from ..elastic.policy import EnergyWidths
+
+        make_elastic(self.model.host)
+        self.widths = EnergyWidths(policy, self.model.host, self.meter.budget_j,
+                                   clock=lambda: time.time() - self.t0)
+        self.chain = [Settings(self.widths) if isinstance(step, Settings) else step
+                      for step in self.chain]
+
     def telemetry(self) -> dict:
         m = self.meter
         if self.below_since is None and self.below_min():
@@ -130,7 +145,7 @@ class Worker:
                 "device": self.report.device, "energy_label": self.report.energy_label,
                 "bytes_sent": self.transport.bytes_sent,
                 "bytes_received": self.transport.bytes_received,
-                "compute_s": self.report.compute_s}
+                "compute_s": self.report.compute_s, "width": self.widths.width}
 
     # -- per item (Algorithm 3) -------------------------------------------------------------
     def _faults(self, item: int) -> None:
