@@ -80,7 +80,9 @@ def pipeline_report(co, wall: float, *, wait_s: float, status: str = "ok",
                            "transport.py)",
               "request_done_s": done_s, "max_inflight": co.window,
               "coordinator": w.rank,
-              "idle_ranks": idle_ranks(w.plan, w.world_size),
+              # launched ranks the plan gives nothing, not counting those that failed or left
+              "idle_ranks": [r for r in idle_ranks(w.plan, w.world_size)
+                             if r not in co.failed and r not in co.left],
               "ranks_share_cores": bool(w.placement and w.placement.oversubscribed),
               "malloc_tuned": w.malloc_tuned, **(meta or {})})
 

@@ -23,6 +23,8 @@ def test_demo_streams_all_requests_through_a_redistribution(tmp_path, capsys):
     assert report["energy_label"] == "modelled"
     phone = [r for r in report["ranks"] if r["device"] == "phone"][0]
     assert phone["status"] == "left" and phone["remaining_j"] < 100
+    assert report["meta"]["idle_ranks"] == []  # the phone left; it is not an idle rank
+    assert "idle:" not in text
     for name in ("timeline.png", "energy.png", "plan.json", "config.json"):
         assert (tmp_path / name).exists()
     # the re-plan: the planner's moves leave both other devices with units (neither holds the
