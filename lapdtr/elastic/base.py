@@ -37,6 +37,14 @@ def check_count(k, total: int, what: str, where: nn.Module | str = "") -> int:
     return k
 
 
+def _check_part(layer, n, total: int, what: str, reason: str) -> int:
+    """``n`` of ``total`` (heads or hidden units) if ``layer`` can run them, else an error."""
+    check_count(n, total, what, type(layer).__name__)
+    if n < total and not layer.exact_below_full():
+        raise ElasticError(f"{type(layer).__name__}: {reason}; allowed: {what}={total} only")
+    return n
+
+
 class ElasticHeads:
     """Mixin of an elastic attention: ``num_heads`` of it, ``active_heads`` run. A subclass
     says whether it can run fewer heads exactly (``exact_below_full``) and implements
@@ -50,11 +58,7 @@ class ElasticHeads:
 
     def check_heads(self, k: int) -> int:
         """``k`` if this layer can run ``k`` heads, else an ``ElasticError`` naming the allowed."""
-        check_count(k, self.num_heads, "heads", type(self).__name__)
-        if k < self.num_heads and not self.exact_below_full():
-            raise ElasticError(f"{type(self).__name__}: {self.reason_inexact}; allowed: "
-                               f"heads={self.num_heads} only")
-        return k
+        return _check_part(self, k, self.num_heads, "heads", self.reason_inexact)
 
     def set_heads(self, k: int) -> None:
         self.active_heads = self.check_heads(k)
@@ -82,11 +86,9 @@ class ElasticHidden:
         return True
 
     def check_hidden(self, m: int) -> int:
-        check_count(m, self.hidden_features, "hidden", type(self).__name__)
-        if m < self.hidden_features and not self.exact_below_full():
-            raise ElasticError(f"{type(self).__name__}: a norm over all hidden units cannot run "
-                               f"part of them exactly; allowed: hidden={self.hidden_features} only")
-        return m
+        """``m`` if this layer can run ``m`` hidden units, else an ``ElasticError``."""
+        return _check_part(self, m, self.hidden_features, "hidden",
+                           "a norm over all hidden units cannot run part of them exactly")
 
     def set_hidden(self, m: int) -> None:
         self.active_hidden = self.check_hidden(m)

@@ -7,6 +7,8 @@ from lapdtr.elastic import (ElasticError, ElasticNormMlp, ElasticTinyAttention, 
                             make_elastic, order_by_magnitude_, set_width, widths)
 from lapdtr.testing import assert_close_scaled, informative_weights_
 
+from elastic_helpers import run_with_inputs_cut
+
 
 def _tiny():
     torch.manual_seed(0)
@@ -24,29 +26,11 @@ def _tiny():
 
 
 def _zeroing_reference(model, ratio, x):
-    hooks = []
-    for mod in model.modules():
-        if isinstance(mod, ElasticTinyAttention):
-            d = count_for(ratio, mod.num_heads) * mod.val_dim
-            target = mod.proj
-        elif isinstance(mod, ElasticNormMlp):
-            d = count_for(ratio, mod.hidden_features)
-            target = mod.fc2
-        else:
-            continue
-
-        def cut(m, args, d=d):
-            (a,) = args
-            a = a.clone()
-            a[..., d:] = 0
-            return (a,)
-        hooks.append(target.register_forward_pre_hook(cut))
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    cuts = [(m.proj, count_for(ratio, m.num_heads) * m.val_dim) for m in model.modules()
+            if isinstance(m, ElasticTinyAttention)]
+    cuts += [(m.fc2, count_for(ratio, m.hidden_features)) for m in model.modules()
+             if isinstance(m, ElasticNormMlp)]
+    return run_with_inputs_cut(model, x, cuts)
 
 
 def test_full_width_is_the_original_and_keys_are_unchanged():

@@ -9,6 +9,8 @@ from lapdtr.elastic import (ElasticAttention, ElasticError, ElasticMlp, make_ela
                             order_by_magnitude_, set_width, widths)
 from lapdtr.testing import assert_close_scaled, informative_weights_
 
+from elastic_helpers import run_with_inputs_cut
+
 
 def _deit(**kw):
     torch.manual_seed(0)
@@ -21,30 +23,10 @@ def _deit(**kw):
 def _zeroing_reference(model, heads: int, hidden: int, x):
     """The original model with heads >= ``heads`` zeroed before each ``proj`` and hidden units
     >= ``hidden`` zeroed before each ``fc2``."""
-    hooks = []
-    for mod in model.modules():
-        if isinstance(mod, ElasticAttention):
-            d = heads * mod.head_dim
-
-            def cut(m, args, d=d):
-                (a,) = args
-                a = a.clone()
-                a[..., d:] = 0
-                return (a,)
-            hooks.append(mod.proj.register_forward_pre_hook(cut))
-        elif isinstance(mod, ElasticMlp):
-            def cut(m, args, h=hidden):
-                (a,) = args
-                a = a.clone()
-                a[..., h:] = 0
-                return (a,)
-            hooks.append(mod.fc2.register_forward_pre_hook(cut))
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    cuts = [(m.proj, heads * m.head_dim) for m in model.modules()
+            if isinstance(m, ElasticAttention)]
+    cuts += [(m.fc2, hidden) for m in model.modules() if isinstance(m, ElasticMlp)]
+    return run_with_inputs_cut(model, x, cuts)
 
 
 def test_full_width_is_the_original_exactly_and_keys_are_unchanged():
