@@ -44,8 +44,7 @@ class RunFeed:
     read); ``img_size`` is the side the run's model runs at.
     """
 
-    def __init__(self, cfg: RunConfig, model, img_size: int, *, checkpoint: str | None,
-                 plan: dict | None = None):
+    def __init__(self, cfg: RunConfig, model, img_size: int, *, checkpoint: str | None):
         self.cfg = cfg
         self.data: DataConfig = cfg.data
         self.out = Path(cfg.out)
@@ -68,7 +67,7 @@ class RunFeed:
         if cfg.resume:
             from .journal import Journal
 
-            self.journal = Journal(self.out / JOURNAL, self._identity(plan))
+            self.journal = Journal(self.out / JOURNAL, self._identity())
         self.writer = None
         if cfg.predictions:  # a fresh file: a resumed run rewrites what its journal holds
             (self.out / PREDICTIONS).unlink(missing_ok=True)
@@ -77,7 +76,7 @@ class RunFeed:
             self._replay()
 
     # -- identity and resume ----------------------------------------------------------------
-    def _identity(self, plan: dict | None) -> dict:
+    def _identity(self) -> dict:
         cfg = self.cfg
         return {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "img_size": cfg.img_size,
                 "checkpoint": _file_digest(self.checkpoint), "seed": cfg.seed,
