@@ -6,16 +6,19 @@ timm's own (``FAMILIES``: which families have them); every elastic layer is an
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 
-from . import tiny_vit, vit
 from .base import ElasticError, ElasticHeads, ElasticHidden, count_for
 
-__all__ = ["FAMILIES", "make_elastic", "set_width", "widths", "order_by_magnitude_",
-           "elastic_layers"]
+__all__ = ["FAMILIES", "apply_elastic", "make_elastic", "set_width", "widths",
+           "order_by_magnitude_", "elastic_layers"]
 
-FAMILIES = {"vit": vit.convert, "tiny_vit": tiny_vit.convert}
+#: adapter family -> the ``lapdtr.elastic`` module whose ``convert(model)`` swaps its layers
+FAMILIES = {"vit": "vit", "tiny_vit": "tiny_vit", "efficientvit_m": "efficientvit_m",
+            "efficientvit_b": "efficientvit_b", "edgevit": "edgevit"}
 
 
 def _family(model: nn.Module) -> str:
@@ -32,21 +35,26 @@ def make_elastic(model: nn.Module) -> nn.Module:
     unchanged; ``state_dict`` keys unchanged). Returns ``model``."""
     family = _family(model)
     if family not in FAMILIES:
-        raise ElasticError(f"make_elastic: {family!r} has no elastic layers here yet; allowed: "
+        raise ElasticError(f"make_elastic: {family!r} has no elastic layers; allowed: "
                            f"{sorted(FAMILIES)}")
-    FAMILIES[family](model)
+    importlib.import_module(f"{__package__}.{FAMILIES[family]}").convert(model)
     return model
+
+
+apply_elastic = make_elastic
 
 
 def elastic_layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, (ElasticHeads, ElasticHidden))]
 
 
-def set_width(model: nn.Module, heads: float = 1.0, hidden: float | None = None) -> dict:
-    """Run every elastic layer at width ratios ``heads`` (attention) and ``hidden`` (MLP;
-    default: ``heads``), each in (0, 1]. Every layer is checked before any changes. Returns
+def set_width(model: nn.Module, ratio: float = 1.0, *, mlp_ratio: float | None = None) -> dict:
+    """Run every elastic layer at width ratio ``ratio`` (attention heads) and ``mlp_ratio``
+    (MLP hidden units; default: ``ratio``), each in (0, 1], rounded per layer to a count it has
+    (``count_for``). Every layer is checked before any changes. Returns the realised widths,
     what :func:`widths` returns."""
-    hidden = heads if hidden is None else hidden
+    heads = ratio
+    hidden = ratio if mlp_ratio is None else mlp_ratio
     layers = elastic_layers(model)
     if not layers:
         raise ElasticError("set_width: the model has no elastic layers; call "
@@ -82,11 +90,11 @@ def order_by_magnitude_(model: nn.Module) -> dict:
     unchanged up to float summation order. Returns the permutations, by module name."""
     applied = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, (ElasticHeads, ElasticHidden)):
+        if isinstance(mod, (ElasticHeads, ElasticHidden)) and mod.reorderable:
             order = mod.magnitude().argsort(descending=True)
             mod.reorder_(order)
             applied[name] = order.tolist()
-    if not applied:
+    if not elastic_layers(model):
         raise ElasticError("order_by_magnitude_: the model has no elastic layers; call "
                            "lapdtr.elastic.make_elastic(model) first")
     return applied

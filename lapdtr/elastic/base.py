@@ -40,18 +40,30 @@ def check_count(k, total: int, what: str, where: nn.Module | str = "") -> int:
 def _check_part(layer, n, total: int, what: str, reason: str) -> int:
     """``n`` of ``total`` (heads or hidden units) if ``layer`` can run them, else an error."""
     check_count(n, total, what, type(layer).__name__)
-    if n < total and not layer.exact_below_full():
+    if n < total and not layer.exact_below_full() and not layer.approximate:
         raise ElasticError(f"{type(layer).__name__}: {reason}; allowed: {what}={total} only")
     return n
 
 
 class ElasticHeads:
-    """Mixin of an elastic attention: ``num_heads`` of it, ``active_heads`` run. A subclass
-    says whether it can run fewer heads exactly (``exact_below_full``) and implements
-    ``reorder_(order)`` and ``magnitude()`` (data-free importance per head)."""
+    """Mixin of an elastic attention: ``num_heads`` of it, ``active_heads`` run (the first
+    ones). A subclass says whether it can run fewer heads exactly (``exact_below_full``) and
+    implements ``reorder_(order)``, ``magnitude()`` (data-free importance per head) and
+    ``head_site()`` (where the heads' outputs meet, for the calibration-data importance of
+    ``lapdtr.elastic.importance``). ``reorderable = False`` where head order is part of the
+    function (EfficientViT-M's cascade: head i reads head i-1's output)."""
 
     active_heads: int
     reason_inexact = "this attention cannot run part of its heads exactly"
+    reorderable = True
+    #: runs fewer heads even where that is not exact (``exact_below_full`` False): the model
+    #: then relies on elastic (sandwich) training, as EdgeViT's sr > 1 attention does
+    approximate = False
+
+    def head_site(self):
+        """``(module, dim, per_head)``: the module whose input is the heads' outputs side by
+        side along ``dim``, ``per_head`` channels each, in head order."""
+        raise NotImplementedError(type(self).__name__)
 
     def exact_below_full(self) -> bool:
         return True
@@ -73,6 +85,16 @@ class ElasticHidden:
     units run (the first ones: ``fc1``'s rows, ``fc2``'s columns)."""
 
     active_hidden: int
+    reorderable = True
+    approximate = False
+
+    def hidden_params(self):
+        """``[(parameter, dim)]``: the parameters whose slices along ``dim`` are the hidden units
+        (``fc1`` rows and bias, ``fc2`` columns), for the weight × gradient importance."""
+        out = [(self.fc1.weight, 0), (self.fc2.weight, 1)]
+        if self.fc1.bias is not None:
+            out.append((self.fc1.bias, 0))
+        return out
 
     @property
     def hidden_features(self) -> int:

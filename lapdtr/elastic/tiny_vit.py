@@ -43,6 +43,9 @@ class ElasticTinyAttention(ElasticHeads, Attention):
         x = x.transpose(1, 2).reshape(B, N, k * self.val_dim)
         return F.linear(x, self.proj.weight[:, :k * self.val_dim], self.proj.bias)
 
+    def head_site(self):
+        return self.proj, -1, self.val_dim
+
     @torch.no_grad()
     def magnitude(self) -> torch.Tensor:
         """Data-free importance per head: norm of its value rows times norm of its proj columns."""

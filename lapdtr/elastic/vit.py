@@ -3,7 +3,7 @@
 ``lapdtr.elastic.make_elastic(model)`` swaps each block's ``timm.layers.Attention`` for
 :class:`ElasticAttention` and its ``timm.layers.Mlp`` for :class:`ElasticMlp`: subclasses of
 timm's own, so parameter names, ``state_dict`` keys, checkpoints and ``RankModel.load_units`` are
-unchanged. ``set_width(model, heads=r, hidden=r)`` then runs every block with
+unchanged. ``set_width(model, r)`` (or ``set_width(model, r, mlp_ratio=s)``) then runs every block with
 ``k = max(1, round(r·h))`` of its ``h`` heads and the matching share of its MLP hidden units.
 
 At full width each layer runs timm's own forward (``torch.equal`` to the original). Below it,
@@ -75,6 +75,9 @@ class ElasticAttention(ElasticHeads, Attention):
         x = x.transpose(1, 2).reshape(B, N, d)
         x = F.linear(x, self.proj.weight[:, :d], self.proj.bias)
         return self.proj_drop(x)
+
+    def head_site(self):
+        return self.proj, -1, self.head_dim
 
     @torch.no_grad()
     def magnitude(self) -> torch.Tensor:

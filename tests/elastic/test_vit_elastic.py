@@ -66,7 +66,7 @@ def test_reduced_width_equals_zeroing_the_dropped_units(ratio, heads, hidden):
 def test_heads_and_hidden_set_apart():
     model, x = _deit()
     make_elastic(model)
-    set_width(model, heads=1.0, hidden=0.25)
+    set_width(model, 1.0, mlp_ratio=0.25)
     assert widths(model) == {"heads": [(3, 3)] * 3, "hidden": [(192, 768)] * 3}
     with torch.no_grad():
         y = model(x)
@@ -144,7 +144,8 @@ def test_bad_counts_and_models_are_named():
     attn = next(m for m in model.modules() if isinstance(m, ElasticAttention))
     with pytest.raises(ElasticError, match=r"heads=4; allowed: 1\.\.3"):
         attn.set_heads(4)  # k > h
-    with pytest.raises(ElasticError, match=r"has no elastic layers here yet; allowed: \['tiny_vit', 'vit'\]"):
+    with pytest.raises(ElasticError, match=r"'resnet' has no elastic layers; allowed: \['edgevit', 'efficientvit_b', "
+                       r"'efficientvit_m', 'tiny_vit', 'vit'\]"):
         make_elastic(lapdtr.create_model("resnet18"))
     with pytest.raises(ElasticError, match="make_elastic"):
         set_width(lapdtr.create_model("deit_tiny_patch16_224", depth=1), 0.5)
