@@ -199,13 +199,15 @@ class DistributedModel(nn.Module):
                            torch.float32)
 
     # -- set-up (called by the session) -----------------------------------------------------
-    def _profile_fn(self):
-        if self._profile is None:  # a model given by name: built by name, as lapdtr run does
+    def _profile_fn(self, widths=None):
+        if self._profile is None or (widths is not None and len(self._profile.widths) == 1):
+            # a model given by name: built by name, as lapdtr run does
             from .runtime.prepare import profile_for
 
             self._profile = profile_for(self.cfg.model, self.cfg.model_kwargs,
                                         self._session.setup["img_size"],
-                                        max(1, self.cfg.batch_size // self.cfg.micro_batches))
+                                        max(1, self.cfg.batch_size // self.cfg.micro_batches),
+                                        widths=widths)
         return self._profile
 
     def _prepare(self) -> dict:
@@ -225,10 +227,17 @@ class DistributedModel(nn.Module):
 
         self._profile = profile_model(self._module, img_size=img,
                                       batch_size=max(1, cfg.batch_size // cfg.micro_batches),
-                                      repeats=1, warmup=1)
+                                      repeats=1, warmup=1,
+                                      widths="all" if cfg.elastic is not None else None)
         devices = load_run_devices(cfg, self.world_size)
         plan, devices = resolve_plan(cfg, names, devices, self.world_size, img,
-                                     profile_fn=lambda: self._profile)
+                                     profile_fn=lambda widths=None: self._profile)
+        from .runtime.prepare import plan_has_widths
+
+        if plan_has_widths(plan) and len(self._profile.widths) == 1:  # a re-plan prices them
+            self._profile = profile_model(self._module, img_size=img,
+                                          batch_size=max(1, cfg.batch_size // cfg.micro_batches),
+                                          repeats=1, warmup=1, widths="all")
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         return {"checkpoint": None, "img_size": img, "plan": plan.to_dict(),
                 "devices": [d.to_dict() for d in devices], "t0": time.time(),

@@ -28,7 +28,9 @@ POLICIES = ("linear", "threshold", "plan")
 @dataclass
 class WidthPolicy:
     """How a rank's width follows its energy. ``steps`` (``threshold`` only): ``(energy
-    fraction, ratio)`` pairs. ``plan_ratio`` (``plan`` only): the planner's width."""
+    fraction, ratio)`` pairs. ``plan_ratio`` (``plan`` only): the width of a controller used on
+    its own, and of a run's plan built from ``cuts`` (no planner to choose one); in the
+    runtime the ``plan`` policy runs each stage at its ``StagePlan.width``."""
 
     kind: str = "linear"
     min_ratio: float = 0.25

@@ -9,7 +9,7 @@ from .api import elastic_layers, set_width
 from .base import ElasticError, ElasticHeads
 from .controller import WidthController, WidthPolicy
 
-__all__ = ["EnergyWidths", "allowed_ratios"]
+__all__ = ["EnergyWidths", "allowed_ratios", "allowed_widths"]
 
 
 def allowed_ratios(model: nn.Module) -> list[float] | None:
@@ -22,10 +22,28 @@ def allowed_ratios(model: nn.Module) -> list[float] | None:
     return [k / h for k in range(1, h + 1)]
 
 
+def allowed_widths(model: nn.Module) -> list[float]:
+    """The width ratios ``model`` can run, widest first: [1.0] for a family without elastic
+    layers; else ``allowed_ratios`` of its elastic layers (counted on an elastic copy when the
+    model itself has not been made elastic)."""
+    from .api import FAMILIES, _family
+
+    if not elastic_layers(model):
+        if _family(model) not in FAMILIES:
+            return [1.0]
+        import copy
+
+        from .api import make_elastic
+
+        model = make_elastic(copy.deepcopy(model))
+    return sorted(allowed_ratios(model) or [1.0], reverse=True)
+
+
 class EnergyWidths:
     """``Settings`` policy ``(stage, remaining_j) -> (width, keep_ratio)``: the width from the
     rank's remaining energy over its budget ``e_max_j`` (a rank without a budget runs full
-    width unless the policy is ``plan``); ``clock()`` gives the time in seconds."""
+    width), or, for the ``plan`` policy, the width the plan gives the stage (``StagePlan.width``,
+    kept by a re-plan); ``clock()`` gives the time in seconds."""
 
     def __init__(self, policy: WidthPolicy, model: nn.Module, e_max_j: float | None, clock):
         if not elastic_layers(model):
@@ -38,6 +56,8 @@ class EnergyWidths:
         self.width = 1.0
 
     def __call__(self, stage, remaining_j):
+        if self.controller.policy.kind == "plan":
+            return stage.width, 1.0
         r = self.controller.update(remaining_j if self.has_budget else None, self.clock())
         return r, 1.0
 

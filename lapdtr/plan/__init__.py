@@ -2,7 +2,8 @@
 
 ``create_plan(model_profile, devices, strategy=..., objective=...)`` runs a registered planner
 (``list_planners()``); ``redistribute`` re-plans after a low-energy, failure or overload event;
-``select_profile`` is LAP-DTR's Algorithm 1 with the corrected score. ``idle_ranks(plan,
+``select_profile`` is LAP-DTR's Algorithm 1 with the corrected score; ``plan_at_width`` /
+``plan_widths`` plan at elastic widths (Algorithm 1 choosing the width). ``idle_ranks(plan,
 world_size)`` lists launched ranks a plan leaves without work (``create_plan`` warns with an
 ``IdleRanksWarning``); objective ``throughput`` balances a pipeline over every device it can.
 """
@@ -12,9 +13,10 @@ from .redistribute import EVENT_KINDS, RedistributionEvent, redistribute, unit_m
 from .registry import create_plan, get_planner, list_planners, register_planner
 from .select import Candidate, Selection, SelectionConstraints, select_profile
 from .types import DevicePrediction, Plan, Shard, StagePlan
+from .widths import plan_at_width, plan_width, plan_widths
 
 __all__ = ["EVENT_KINDS", "OBJECTIVES", "Candidate", "Constraints", "DevicePrediction",
            "IdleRanksWarning", "MissingLinkError", "Plan", "RedistributionEvent", "Selection",
            "SelectionConstraints", "Shard", "StagePlan", "create_plan", "get_planner",
            "idle_ranks", "list_planners", "redistribute", "register_planner", "select_profile",
-           "unit_moves"]
+           "unit_moves", "plan_at_width", "plan_widths", "plan_width"]

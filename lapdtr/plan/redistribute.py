@@ -21,6 +21,10 @@ The re-plan keeps the plan's objective; a plan made without one (from cuts: ``ob
 unless the objective prefers otherwise (the planner takes the least-period plan among equally good
 ones); survivors left idle get an ``IdleRanksWarning``. A transfer between survivors that have no
 link is a ``MissingLinkError`` naming them, not "no plan exists".
+
+Widths are kept: the re-plan is priced on the profile at the plan's width (``plan_width``:
+measured per unit, ``profile_model(widths=...)``), and every stage keeps the width its device
+ran (a device new to the plan runs the plan's width).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from .cost import OBJECTIVES, Constraints, MissingLinkError, validate_inputs
 from .idle import idle_ranks, warn_idle
 from .lapdtr_dp import plan_lapdtr
 from .types import Plan
+from .widths import plan_width, stamp_widths
 
 __all__ = ["RedistributionEvent", "EVENT_KINDS", "redistribute", "unit_moves"]
 
@@ -78,6 +83,13 @@ def redistribute(plan: Plan, model_profile, devices, event: RedistributionEvent,
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
     devices = list(devices)
     validate_inputs(model_profile, devices)
+    width = plan_width(plan)
+    if width != 1.0:
+        if not model_profile.has_width(width):
+            raise ValueError(f"redistribute: the plan runs width {width:g}, which its profile "
+                             f"does not hold (profiled: {model_profile.widths}); profile the "
+                             f"model with profile_model(..., widths='all')")
+        model_profile = model_profile.at_width(width)
     names = [d.name for d in devices]
     if names != list(plan.devices):
         raise ValueError(f"devices {names} are not the plan's devices in rank order "
@@ -127,6 +139,7 @@ def redistribute(plan: Plan, model_profile, devices, event: RedistributionEvent,
         raise ValueError(f"redistribution after {event.kind} of {event.devices}: no plan exists "
                          f"without device(s) {out} (failed or below E_min) on the remaining "
                          f"devices' memory and energy")
+    stamp_widths(new, width, by_device={s.device: s.width for s in plan.stages})
     new.meta.update({
         "redistributed_from": plan.strategy,
         "event": {"kind": event.kind, "devices": list(event.devices)},

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.flop_counter import sdpa_flop_count as flop_counter_sdpa
 
 from ..models import create_model, default_img_size, get_adapter, unit_owned_names, units
-from .types import ModelProfile, UnitProfile
+from .types import ModelProfile, UnitProfile, width_key
 
 __all__ = ["profile_model", "default_cache_dir", "profile_cache_path", "versions"]
 
@@ -91,13 +91,52 @@ def _fingerprint(model: nn.Module) -> str:
 
 
 def profile_cache_path(model: nn.Module, *, img_size: int, batch_size: int, dtype: torch.dtype,
-                       device: torch.device, cache_dir: str | os.PathLike | None = None) -> Path:
+                       device: torch.device, cache_dir: str | os.PathLike | None = None,
+                       widths=(1.0,)) -> Path:
     d = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     dev = str(device)
     if device.type == "cuda":
         dev += "-" + torch.cuda.get_device_name(device).replace(" ", "_")
     dt = str(dtype).replace("torch.", "")
-    return d / f"{_model_name(model)}-{_fingerprint(model)}-{img_size}px-b{batch_size}-{dt}-{dev}.json"
+    w = "" if list(widths) == [1.0] else "-w" + "_".join(width_key(r) for r in widths)
+    return d / (f"{_model_name(model)}-{_fingerprint(model)}-{img_size}px-b{batch_size}-{dt}-"
+                f"{dev}{w}.json")
+
+
+def _check_widths(model: nn.Module, widths) -> list[float]:
+    """The width ratios to profile, sorted, full width first: ``widths`` given as ratios in
+    (0, 1] or ``"all"`` (every ratio the model's elastic layers realise, ``k/h`` of the
+    attention with the fewest heads). A model without elastic layers allows 1.0 only."""
+    if widths is None:
+        return [1.0]
+    from ..elastic import ElasticError, check_ratio
+    from ..elastic.api import FAMILIES
+
+    family = get_adapter(model).name
+    if family not in FAMILIES:
+        if widths == "all" or [float(w) for w in widths] == [1.0]:
+            return [1.0]
+        raise ElasticError(f"profile widths {widths!r}: {family!r} has no elastic layers; "
+                           f"allowed: [1.0] (elastic families: {sorted(FAMILIES)})")
+    if widths == "all":
+        from ..elastic.policy import allowed_ratios
+
+        probe = _elastic_copy(model)
+        widths = allowed_ratios(probe) or [1.0]
+    if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__"):
+        raise ElasticError(f"profile widths {widths!r}: allowed: a list of ratios in (0, 1] "
+                           f"or 'all'")
+    out = sorted({round(check_ratio(w, "profile width"), 6) for w in widths} | {1.0},
+                 reverse=True)
+    return out
+
+
+def _elastic_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    from ..elastic import make_elastic
+
+    return make_elastic(copy.deepcopy(model))
 
 
 def _time_fn(fn, x, device, warmup: int, repeats: int) -> float:
@@ -138,7 +177,7 @@ def profile_model(model_or_name: nn.Module | str, *, img_size: int | None = None
                   batch_size: int = 1, dtype: torch.dtype | str = torch.float32,
                   device: str | torch.device = "cpu", repeats: int = 5, warmup: int = 2,
                   cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-                  progress: bool = False) -> ModelProfile:
+                  progress: bool = False, widths=None) -> ModelProfile:
     """Profile every unit of a model (an instance or a supported timm name).
 
     FLOPs, bytes and peak memory are counted for one batch of ``batch_size``; latency is the median
@@ -146,6 +185,11 @@ def profile_model(model_or_name: nn.Module | str, *, img_size: int | None = None
     read from / written to ``cache_dir`` (default ``$LAPDTR_CACHE/profiles`` or
     ``~/.cache/lapdtr/profiles``); a cache written by other torch / timm / lapdtr versions is
     recomputed.
+
+    ``widths`` (ratios in (0, 1], or ``"all"``): also measure every unit's FLOPs and latency at
+    those elastic widths, on a copy of the model made elastic (``lapdtr.elastic``; the model
+    passed in is not changed), into ``UnitProfile.at_width``; ``ModelProfile.at_width(r)`` is
+    then the profile at width ``r``.
     """
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
@@ -164,11 +208,12 @@ def profile_model(model_or_name: nn.Module | str, *, img_size: int | None = None
     model = model.to(device=device, dtype=dtype).eval()
     img_size = default_img_size(model) if img_size is None else int(img_size)
     ul = units(model, img_size)  # validates the image size
+    widths = _check_widths(model, widths)
 
     cache = None
     if use_cache:
         cache = profile_cache_path(model, img_size=img_size, batch_size=batch_size, dtype=dtype,
-                                   device=device, cache_dir=cache_dir)
+                                   device=device, cache_dir=cache_dir, widths=widths)
         if cache.is_file():
             try:
                 prof = ModelProfile.load(cache)
@@ -220,11 +265,43 @@ def profile_model(model_or_name: nn.Module | str, *, img_size: int | None = None
                 in_bytes=_nbytes(h), out_bytes=_nbytes(y), peak_bytes=int(peak),
                 latency_s=latency, latency_repeats=repeats))
             h = y
+    width_model_flops = _profile_widths(model, img_size, x, out, widths, device, warmup, repeats)
     prof = ModelProfile(
         model=_model_name(model), family=adapter.name, img_size=img_size, batch_size=batch_size,
         dtype=str(dtype).replace("torch.", ""), device=str(device), units=out,
         total_flops=sum(u.flops for u in out), model_flops=model_flops,
-        total_latency_s=sum(u.latency_s for u in out), versions=versions())
+        total_latency_s=sum(u.latency_s for u in out), versions=versions(), widths=widths,
+        width_model_flops=width_model_flops)
     if cache is not None:
         prof.save(cache)
     return prof
+
+
+@torch.no_grad()
+def _profile_widths(model, img_size, x, out, widths, device, warmup, repeats) -> dict:
+    """Measure every unit's FLOPs and latency at each reduced width in ``widths`` (on an
+    elastic copy of ``model``) into ``out[i].at_width``; returns the whole model's FLOPs per
+    width, counted in one ``FlopCounterMode``."""
+    reduced = [w for w in widths if w < 1.0]
+    if not reduced:
+        return {}
+    from ..elastic import set_width
+
+    emodel = _elastic_copy(model)
+    eunits = units(emodel, img_size)
+    whole = {}
+    for w in reduced:
+        set_width(emodel, w)
+        key = width_key(w)
+        with flop_counter() as fc:
+            emodel(x)
+        whole[key] = int(fc.get_total_flops())
+        h = x
+        for u, prof in zip(eunits, out):
+            fn = lambda t, u=u: u.fn(emodel, t)  # noqa: E731
+            with flop_counter() as fc:
+                y = fn(h)
+            prof.at_width[key] = {"flops": int(fc.get_total_flops()),
+                                  "latency_s": _time_fn(fn, h, device, warmup, repeats)}
+            h = y
+    return whole

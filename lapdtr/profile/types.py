@@ -34,6 +34,14 @@ class UnitProfile:
     peak_bytes: int
     latency_s: float
     latency_repeats: int = 0
+    #: the unit's cost at reduced elastic widths, measured: ``{"0.5": {"flops": ..,
+    #: "latency_s": ..}}`` keyed by ``width_key(ratio)``; full width is the fields above
+    at_width: dict[str, dict] = field(default_factory=dict)
+
+
+def width_key(ratio: float) -> str:
+    """The key of a width ratio in ``UnitProfile.at_width``: 6 decimals (1/3 -> "0.333333")."""
+    return f"{float(ratio):.6f}"
 
 
 @dataclass
@@ -49,10 +57,44 @@ class ModelProfile:
     model_flops: int  # the whole model measured in one FlopCounterMode, for checking the sum
     total_latency_s: float
     versions: dict = field(default_factory=dict)
+    #: elastic width ratios profiled (``profile_model(widths=...)``); [1.0] for a model
+    #: profiled at full width only
+    widths: list[float] = field(default_factory=lambda: [1.0])
+    #: the width these figures are at (``at_width``): 1.0 for a profile as measured
+    width: float = 1.0
+    #: the whole model measured in one FlopCounterMode at each reduced width (``width_key``)
+    width_model_flops: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_units(self) -> int:
         return len(self.units)
+
+    def has_width(self, ratio: float) -> bool:
+        return any(abs(float(ratio) - w) <= 1e-6 for w in self.widths)
+
+    def at_width(self, ratio: float) -> "ModelProfile":
+        """This profile with every unit's FLOPs and latency at elastic width ``ratio``, as
+        measured (``profile_model(widths=...)``); a width not profiled is a ``ValueError``
+        naming the ones that were."""
+        import dataclasses
+
+        ratio = float(ratio)
+        if not self.has_width(ratio):
+            raise ValueError(f"profile of {self.model!r}: width {ratio:g} was not profiled; "
+                             f"profiled: {[round(w, 6) for w in self.widths]} "
+                             f"(profile_model(..., widths=[...]))")
+        if abs(ratio - 1.0) <= 1e-6:
+            return self
+        key = width_key(ratio)
+        units = [dataclasses.replace(u, flops=int(u.at_width[key]["flops"]) if key in u.at_width
+                                     else u.flops,
+                                     latency_s=float(u.at_width[key]["latency_s"])
+                                     if key in u.at_width else u.latency_s)
+                 for u in self.units]
+        return dataclasses.replace(
+            self, units=units, total_flops=sum(u.flops for u in units),
+            model_flops=int(self.width_model_flops.get(key, sum(u.flops for u in units))),
+            total_latency_s=sum(u.latency_s for u in units), width=ratio)
 
     def to_dict(self) -> dict:
         return to_jsonable(self)

@@ -186,7 +186,7 @@ class RunConfig:
             family = get_adapter_for_name(self.model).name
             if family not in FAMILIES:
                 raise ValueError(f"elastic: model {self.model!r} is of family {family!r}, which "
-                                 f"has no elastic layers yet; allowed: {sorted(FAMILIES)}")
+                                 f"has no elastic layers; allowed: {sorted(FAMILIES)}")
             if self.mode != "pipeline":
                 raise ValueError(f"elastic: runs in mode 'pipeline' (got {self.mode!r})")
         if self.resume is not None and not isinstance(self.resume, bool):

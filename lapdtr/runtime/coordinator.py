@@ -263,11 +263,16 @@ class Coordinator:
                                                       "energy_remaining_j": t["remaining_j"]})
         # ranks that failed or left earlier have no process to come back to: keep them out
         gone = [d.name for r, d in enumerate(devices) if r in self.failed or r in self.left]
-        new_plan = redistribute(w.plan, self.profile_fn(), devices,
+        from ..plan.widths import plan_width
+
+        widths = "all" if plan_width(w.plan) != 1.0 else None
+        new_plan = redistribute(w.plan, self.profile_fn(widths=widths), devices,
                                 RedistributionEvent(kind=kind, devices=names + [
                                     n for n in gone if n not in names]))
+        from ..elastic.policy import allowed_widths
+
         check_plan(new_plan, [u.name for u in w.model.units], w.world_size,
-                   f"re-plan after {kind} of {names}")
+                   f"re-plan after {kind} of {names}", widths=allowed_widths(w.model.host))
         if any(new_plan.stages_of_rank(r) for r in ranks):
             raise RuntimeError(f"redistribute kept units on {names} after a {kind} event")
         for r in ranks:
@@ -314,7 +319,8 @@ class Coordinator:
             generation=gen, kind=kind, devices=names, ranks=ranks, time_s=t_start - w.t0,
             detect_s=detect_s, recovery_s=time.time() - t_start,
             moves=list(new_plan.meta.get("moves", [])), resumed=resumed_at, resume_points=points,
-            stages=[{"rank": s.rank, "device": s.device, "units": s.units} for s in new_plan.stages]))
+            stages=[{"rank": s.rank, "device": s.device, "units": s.units, "width": s.width}
+                    for s in new_plan.stages]))
 
     def duties(self, now: float) -> None:
         """Publish progress and watch the ranks, when due."""

@@ -20,7 +20,8 @@ from .config import RunConfig
 from .stages import build_host, check_checkpoint, default_checkpoint_path, write_checkpoint
 
 __all__ = ["request_input", "default_devices", "build_plan_from_cuts", "check_plan",
-           "stage_settings", "prepare", "profile_for", "resolve_plan"]
+           "stage_settings", "prepare", "profile_for", "resolve_plan", "plan_has_widths",
+           "plan_widths_allowed"]
 
 
 def request_input(seed: int, request: int, batch_size: int, img_size: int,
@@ -53,8 +54,11 @@ def build_plan_from_cuts(model_name: str, unit_names: list[str], cuts, devices: 
                 meta={"cuts": idx})
 
 
-def check_plan(plan: Plan, unit_names: list[str], world_size: int, where: str = "plan") -> None:
-    """A pipeline plan must cover the model's units in order, on launched ranks, at full width."""
+def check_plan(plan: Plan, unit_names: list[str], world_size: int, where: str = "plan", *,
+               widths=(1.0,)) -> None:
+    """A pipeline plan must cover the model's units in order, on launched ranks, at widths the
+    model runs (``widths``: its allowed ratios, ``plan_widths_allowed``) and without
+    summarization."""
     if not plan.stages:
         raise ValueError(f"{where}: has no stages")
     ranks = sorted({s.rank for s in plan.stages})
@@ -68,19 +72,37 @@ def check_plan(plan: Plan, unit_names: list[str], world_size: int, where: str = 
         raise ValueError(f"{where}: its stages do not list the units of {plan.model!r} once each, in "
                          f"order" + (f"; unknown unit(s) {unknown}" if unknown else "")
                          + f"; units are: {', '.join(unit_names)}")
+    allowed = [round(float(w), 6) for w in widths]
     for s in plan.stages:
-        if s.width != 1.0 or s.keep_ratio != 1.0:
+        if not any(abs(s.width - w) <= 1e-6 for w in allowed):
+            why = ("" if len(allowed) > 1 else
+                   f" ({plan.model!r} has no elastic layers: lapdtr.elastic.FAMILIES)")
+            raise ValueError(f"{where}: stage {s.index} asks width={s.width}; {plan.model!r} "
+                             f"runs widths {allowed}{why}")
+        if s.keep_ratio != 1.0:
             raise ValueError(
-                f"{where}: stage {s.index} asks width={s.width}, keep_ratio={s.keep_ratio}; the "
-                "pipeline runtime runs full width without summarization (allowed: 1.0, 1.0)")
+                f"{where}: stage {s.index} asks keep_ratio={s.keep_ratio}; the pipeline runtime "
+                "runs without summarization (allowed: 1.0)")
+
+
+def plan_has_widths(plan: Plan) -> bool:
+    return any(s.width != 1.0 for s in plan.stages)
+
+
+def plan_widths_allowed(model_name: str, model_kwargs: dict) -> list[float]:
+    """The width ratios a plan may give ``model_name``'s stages (``allowed_widths``)."""
+    from ..elastic.policy import allowed_widths
+    from ..models.base import create_model
+
+    return allowed_widths(create_model(model_name, **model_kwargs))
 
 
 def stage_settings(stage: StagePlan, remaining_j: float | None) -> tuple[float, float]:
     """Algorithm 3's per-request hook: the (width, keep_ratio) a stage runs at for its energy.
 
-    The plan fixes both (validated to 1.0 by :func:`check_plan`); the worker's ``settings`` step
-    hands them to the ``run`` step. An energy-driven width controller replaces this function
-    when elastic layers are wired into the runtime.
+    The plan fixes both (validated by :func:`check_plan`); the worker's ``settings`` step hands
+    them to the ``run`` step. With ``elastic`` in the run's config (or widths in its plan) the
+    width controller's ``EnergyWidths`` replaces this function.
     """
     return stage.width, stage.keep_ratio
 
@@ -88,15 +110,19 @@ def stage_settings(stage: StagePlan, remaining_j: float | None) -> tuple[float, 
 _PROFILES: dict = {}
 
 
-def profile_for(model_name: str, model_kwargs: dict, img_size: int, batch_size: int):
-    """The model's profile (cached per process: a re-plan needs it again)."""
-    key = (model_name, json.dumps(model_kwargs, sort_keys=True), img_size, batch_size)
+def profile_for(model_name: str, model_kwargs: dict, img_size: int, batch_size: int, *,
+                widths=None):
+    """The model's profile (cached per process: a re-plan needs it again); ``widths``: also
+    at those elastic widths (``profile_model``'s)."""
+    key = (model_name, json.dumps(model_kwargs, sort_keys=True), img_size, batch_size,
+           json.dumps(widths))
     if key not in _PROFILES:
         from ..models.base import create_model
         from ..profile import profile_model
 
         model = create_model(model_name, **model_kwargs)
-        _PROFILES[key] = profile_model(model, img_size=img_size, batch_size=batch_size)
+        _PROFILES[key] = profile_model(model, img_size=img_size, batch_size=batch_size,
+                                       widths=widths)
     return _PROFILES[key]
 
 
@@ -119,17 +145,36 @@ def resolve_plan(cfg: RunConfig, names: list[str], devices: list[DeviceProfile],
         plan = build_plan_from_cuts(cfg.model, names, cfg.cuts, devices, img_size=img_size,
                                     batch_size=max(1, cfg.batch_size // cfg.micro_batches))
         where = "plan from cuts"
+        policy = cfg.width_policy()
+        if policy is not None and policy.kind == "plan":  # no planner: the config's width
+            from ..elastic import count_for
+            from ..plan.widths import stamp_widths
+
+            h = len(plan_widths_allowed(cfg.model, cfg.model_kwargs))  # k/h for k = 1..h
+            stamp_widths(plan, count_for(policy.plan_ratio, h) / h)
     else:
         from ..plan import create_plan
 
-        prof = profile_fn() if profile_fn is not None else profile_for(
-            cfg.model, cfg.model_kwargs, img_size, max(1, cfg.batch_size // cfg.micro_batches))
-        plan = create_plan(prof, devices[:world_size], strategy=cfg.strategy,
-                           objective=cfg.objective)
+        policy = cfg.width_policy()
+        by_plan = policy is not None and policy.kind == "plan"
+        prof = profile_fn(widths="all" if by_plan else None) if profile_fn is not None else \
+            profile_for(cfg.model, cfg.model_kwargs, img_size,
+                        max(1, cfg.batch_size // cfg.micro_batches),
+                        widths="all" if by_plan else None)
+        if by_plan:  # the planner chooses the width (Algorithm 1 over the profiled widths)
+            from ..plan import plan_widths
+
+            plan = plan_widths(prof, devices[:world_size], strategy=cfg.strategy,
+                               objective=cfg.objective)
+        else:
+            plan = create_plan(prof, devices[:world_size], strategy=cfg.strategy,
+                               objective=cfg.objective)
         where = f"plan from strategy {cfg.strategy!r}"
     if plan.model != cfg.model:
         raise ValueError(f"{where}: is for model {plan.model!r}, the config runs {cfg.model!r}")
-    check_plan(plan, names, world_size, where)
+    check_plan(plan, names, world_size, where,
+               widths=plan_widths_allowed(cfg.model, cfg.model_kwargs)
+               if plan_has_widths(plan) else (1.0,))
     idle = idle_ranks(plan, world_size)
     if idle and "idle_ranks" not in plan.meta:  # the planner warns about its own plans
         warnings.warn(IdleRanksWarning(f"{where}: leaves launched rank(s) {idle} without units",

@@ -185,9 +185,9 @@ def run_rank(cfg: RunConfig, rank: int, world_size: int, host: str, port: int,
         setup["requests"] = feed.total
         return setup
 
-    def profile_fn():
+    def profile_fn(widths=None):
         return profile_for(cfg.model, cfg.model_kwargs, s.setup["img_size"],
-                           max(1, cfg.batch_size // cfg.micro_batches))
+                           max(1, cfg.batch_size // cfg.micro_batches), widths=widths)
 
     s = PipelineSession(cfg, rank, world_size, host, port, prefix, prepare_fn=prepare_fn,
                         profile_fn=profile_fn)

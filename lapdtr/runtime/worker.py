@@ -79,6 +79,10 @@ class Worker:
         self._make_meter()
         if cfg.elastic is not None:
             self._make_elastic(cfg.width_policy())
+        elif any(s.width != 1.0 for s in self.plan.stages):  # the plan's widths, kept by
+            from ..elastic import WidthPolicy                 # every re-plan
+
+            self._make_elastic(WidthPolicy(kind="plan"))
         for i, f in enumerate(cfg.faults):
             if f.kind == "drain" and f.rank == rank and not self.meter.can_drain:
                 raise ValueError(f"faults[{i}]: 'drain' needs a battery on rank {rank}, but its "

@@ -88,8 +88,9 @@ def test_linear_policy_follows_each_ranks_battery(tmp_path, ckpt):
 
 
 def test_elastic_config_errors_name_what_is_allowed():
-    with pytest.raises(ValueError, match=r"family 'resnet', which has no elastic layers yet; "
-                                         r"allowed: \['tiny_vit', 'vit'\]"):
+    with pytest.raises(ValueError, match=r"family 'resnet', which has no elastic layers; "
+                                         r"allowed: \['edgevit', 'efficientvit_b', "
+                                         r"'efficientvit_m', 'tiny_vit', 'vit'\]"):
         RunConfig(model="resnet18", elastic={"kind": "linear"}).validate()
     with pytest.raises(ValueError, match=r"elastic: unknown key\(s\) \['slope'\]"):
         RunConfig(elastic={"slope": 2}).validate()
@@ -97,3 +98,33 @@ def test_elastic_config_errors_name_what_is_allowed():
         RunConfig(elastic={"min_ratio": 0}).validate()
     with pytest.raises(ValueError, match="elastic: runs in mode 'pipeline'"):
         RunConfig(mode="tensor", elastic={"kind": "plan"}).validate()
+
+
+def test_a_plan_with_widths_runs_them_and_a_replan_keeps_them(tmp_path, ckpt):
+    """A saved plan at width 2/3 (priced on the profile at that width) runs elastic with no
+    ``elastic`` block; rank 1 is killed after two requests, the re-plan keeps 2/3, and every
+    answer equals the whole model at 2/3."""
+    from lapdtr.plan import plan_at_width
+    from lapdtr.profile import default_rank_devices
+    from lapdtr.runtime import FaultSpec
+    from lapdtr.runtime.prepare import build_plan_from_cuts, profile_for
+
+    devices = default_rank_devices(3)
+    prof = profile_for("deit_tiny_patch16_224", KW, 224, 2, widths="all")
+    plan = build_plan_from_cuts("deit_tiny_patch16_224", [u.name for u in prof.units],
+                                [2, 4], devices, img_size=224, batch_size=2)
+    from lapdtr.plan.widths import stamp_widths
+
+    stamp_widths(plan, prof.at_width(2 / 3).width)
+    plan.objective = "throughput"
+    plan.save(tmp_path / "plan.json")
+    assert plan_at_width(prof, devices, 2 / 3, objective="throughput").meta["width"] \
+        == pytest.approx(2 / 3)  # the planner makes such plans too
+    cfg = _cfg(tmp_path, ckpt, world_size=3, cuts=None, plan=str(tmp_path / "plan.json"),
+               requests=6, faults=[FaultSpec("kill", 1, 2)])
+    r = run(cfg, timeout_s=300)
+    assert r.completed == 6 and r.lost == 0 and [e.kind for e in r.replans] == ["failure"]
+    _check(cfg, 2 / 3)
+    assert [w for _, w in r.ranks[0].widths] == [w for _, w in r.ranks[2].widths] \
+        == [pytest.approx(2 / 3)]  # (rank 1 was killed before it could report)
+    assert [st["width"] for st in r.replans[0].stages] == [pytest.approx(2 / 3)] * 2
