@@ -61,8 +61,9 @@ class ElasticHeads:
     approximate = False
 
     def head_site(self):
-        """``(module, dim, per_head)``: the module whose input is the heads' outputs side by
-        side along ``dim``, ``per_head`` channels each, in head order."""
+        """``(module, dim, per_head)`` or ``(module, dim, per_head, repeats)``: the module whose
+        input is the heads' outputs side by side along ``dim``, ``per_head`` channels each, in
+        head order (``repeats`` times over, one range per branch)."""
         raise NotImplementedError(type(self).__name__)
 
     def exact_below_full(self) -> bool:
@@ -87,6 +88,7 @@ class ElasticHidden:
     active_hidden: int
     reorderable = True
     approximate = False
+    reason_inexact = "a norm over all hidden units cannot run part of them exactly"
 
     def hidden_params(self):
         """``[(parameter, dim)]``: the parameters whose slices along ``dim`` are the hidden units
@@ -109,8 +111,7 @@ class ElasticHidden:
 
     def check_hidden(self, m: int) -> int:
         """``m`` if this layer can run ``m`` hidden units, else an ``ElasticError``."""
-        return _check_part(self, m, self.hidden_features, "hidden",
-                           "a norm over all hidden units cannot run part of them exactly")
+        return _check_part(self, m, self.hidden_features, "hidden", self.reason_inexact)
 
     def set_hidden(self, m: int) -> None:
         self.active_hidden = self.check_hidden(m)

@@ -2,8 +2,10 @@
 §3.1), and the once-only reordering that puts them first so that slicing keeps them.
 
 * A head's importance is ``Σ |∂L/∂m_h|`` over the calibration batches, where ``m_h`` is a mask
-  of ones multiplying head ``h``'s output where the heads' outputs meet (``head_site()``), so
-  the forward is unchanged and the gradient says how much the loss moves if the head goes.
+  of ones multiplying head ``h``'s output where the heads' outputs meet (``head_site()``:
+  ``(module, dim, per_head[, repeats])``, the heads side by side ``repeats`` times over, as
+  EfficientViT-B's multi-scale branches lay them), so the forward is unchanged and the
+  gradient says how much the loss moves if the head goes.
 * A hidden unit's importance is ``Σ |w · ∂L/∂w|`` over its weights (``hidden_params()``: ``fc1``
   row and bias, ``fc2`` column, or a family's convs and norms), the first-order estimate of the
   loss change when the unit is removed.
@@ -37,13 +39,13 @@ def _batches(data) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
             yield item, None
 
 
-def _mask_hook(mask: torch.Tensor, dim: int, per_head: int):
+def _mask_hook(mask: torch.Tensor, dim: int, per_head: int, repeats: int = 1):
     def hook(module, args):
         x = args[0]
         d = dim % x.dim()
         shape = [1] * x.dim()
         shape[d] = x.shape[d]
-        m = mask.repeat_interleave(per_head).view(shape)
+        m = mask.repeat_interleave(per_head).repeat(repeats).view(shape)
         if x.shape[d] != m.numel():
             raise ElasticError(f"head_site of {type(module).__name__}: {x.shape[d]} channels "
                                f"at dim {dim}, not {m.numel()} (heads x per_head)")
@@ -80,12 +82,12 @@ def importance(model: nn.Module, data, *, max_batches: int | None = None) -> dic
             p.grad = None
         for name, m in layers.items():
             if isinstance(m, ElasticHeads):
-                site, dim, per = m.head_site()
+                site, dim, per, *rep = m.head_site()
                 ref = next(site.parameters(), None)
                 mask = torch.ones(m.num_heads, requires_grad=True,
                                   device=None if ref is None else ref.device)
                 masks[name] = mask
-                hooks.append(site.register_forward_pre_hook(_mask_hook(mask, dim, per)))
+                hooks.append(site.register_forward_pre_hook(_mask_hook(mask, dim, per, *rep)))
             score[name] = None
         n = 0
         for x, y in _batches(data):

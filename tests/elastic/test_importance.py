@@ -107,3 +107,33 @@ def test_no_elastic_layers_or_no_data_is_named():
     model, _, _ = _deit()
     with pytest.raises(ElasticError, match="no batches"):
         importance(model, [])
+
+
+def test_efficientvit_b_heads_are_masked_in_every_branch():
+    """LiteMLA's heads meet at proj in one range per branch: the scores are the gradient of a
+    scale on head h's channels in every range (timm runs LiteMLA's attention in float32 even
+    on a double model, too coarse for a central difference: the gradient is taken here)."""
+    from lapdtr.elastic.efficientvit_b import ElasticLiteMLA
+
+    torch.manual_seed(0)
+    m = lapdtr.create_model("efficientvit_b0", num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    informative_weights_(m, seed=1, probe=x)
+    make_elastic(m)
+    y = torch.tensor([1, 3])
+    scores = importance(m, [(x, y)])
+    name, attn = next((n, a) for n, a in m.named_modules() if isinstance(a, ElasticLiteMLA))
+    branches = 1 + len(attn.aggreg)
+    assert branches >= 2
+    scale = torch.ones(attn.num_heads, requires_grad=True)
+
+    def hook(mod, args):
+        ch = torch.cat([scale.repeat_interleave(attn.dim)] * branches)
+        return (args[0] * ch.view(1, -1, 1, 1),)
+
+    handle = attn.proj.register_forward_pre_hook(hook)
+    try:
+        F.cross_entropy(m(x), y, reduction="sum").backward()
+    finally:
+        handle.remove()
+    torch.testing.assert_close(scores[name], scale.grad.abs())
