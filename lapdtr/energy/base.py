@@ -37,6 +37,8 @@ class EnergyMeter(abc.ABC):
 
     measured: bool = False
     name: str = "meter"
+    #: charge removed by injected drains (``drain``): not energy used, never in ``energy_j``
+    drained_j: float = 0.0
 
     def __init__(self, budget_j: float | None = None):
         if budget_j is not None and budget_j < 0:

@@ -17,9 +17,11 @@ class SimulatedBattery(BudgetedMeter):
 
     ``record_compute(time_s)`` draws ``power_active_w * time_s``, ``record_idle(time_s)`` draws
     ``power_idle_w * time_s``, ``record_bytes(sent, received)`` draws ``energy_per_byte_j`` per
-    byte; ``drain(joules)`` removes charge directly. ``energy_j()`` is what was drawn so far,
-    ``remaining_j()`` = initial - drawn (never below 0), ``power_w()`` the power of the last
-    recorded interval (idle power before any). Safe to call from several threads."""
+    byte; ``drain(joules)`` removes charge directly (an injected fault: it lowers
+    ``remaining_j`` but is not energy the device used, so ``energy_j`` leaves it out and
+    ``drained_j`` holds it). ``energy_j()`` is what the power model drew so far,
+    ``remaining_j()`` = initial - drawn - drained (never below 0), ``power_w()`` the power of
+    the last recorded interval (idle power before any). Safe to call from several threads."""
 
     measured = False
 
@@ -114,9 +116,10 @@ class SimulatedBattery(BudgetedMeter):
         joules = self._check("joules", joules)
         with self._lock:
             self.drained_j += joules
-        return self._draw(joules)
+        return joules
 
     def energy_j(self) -> float:
+        """Joules the power model drew (compute, idle, bytes); injected drains are not in it."""
         with self._lock:
             return self._drawn_j
 
@@ -126,7 +129,7 @@ class SimulatedBattery(BudgetedMeter):
 
     def remaining_j(self) -> float:
         with self._lock:
-            return max(0.0, self.initial_j - self._drawn_j)
+            return max(0.0, self.initial_j - self._drawn_j - self.drained_j)
 
     @property
     def depleted(self) -> bool:
@@ -136,7 +139,8 @@ class SimulatedBattery(BudgetedMeter):
         """Totals so far, as plain data for a report."""
         with self._lock:
             return {"capacity_j": self.budget_j, "initial_j": self.initial_j,
-                    "energy_j": self._drawn_j, "remaining_j": max(0.0, self.initial_j - self._drawn_j),
+                    "energy_j": self._drawn_j,
+                    "remaining_j": max(0.0, self.initial_j - self._drawn_j - self.drained_j),
                     "compute_time_s": self.compute_time_s, "idle_time_s": self.idle_time_s,
                     "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
                     "drained_j": self.drained_j, "measured": False}

@@ -18,7 +18,8 @@ def _failed_rank(r: int, t: dict) -> RankReport:
                       units=t.get("units", []), items=t.get("items", 0),
                       compute_s=t.get("compute_s", 0.0), bytes_sent=t.get("bytes_sent", 0),
                       bytes_received=t.get("bytes_received", 0), energy_j=t.get("energy_j", 0.0),
-                      remaining_j=t.get("remaining_j"),
+                      remaining_j=t.get("remaining_j"), drained_j=t.get("drained_j", 0.0),
+                      energy_min_j=t.get("energy_min_j", 0.0),
                       energy_label=t.get("energy_label", "none"))
 
 

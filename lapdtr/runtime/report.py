@@ -38,9 +38,13 @@ class RankReport:
     bytes_received: int = 0
     messages_sent: int = 0
     messages_received: int = 0
-    energy_j: float = 0.0
+    energy_j: float = 0.0  # used, by the meter (an injected drain is not in it: drained_j)
     remaining_j: float | None = None
     energy_label: str = "none"
+    drained_j: float = 0.0  # charge removed by injected drain faults
+    energy_budget_j: float | None = None  # E_max
+    energy_min_j: float = 0.0  # E_min
+    energy_trace: list = field(default_factory=list)  # [t_s, remaining J] at each telemetry beat
     widths: list = field(default_factory=list)  # [t_s, width ratio] at the start and each change
     param_bytes: int = 0
     weights_loaded_bytes: int = 0
@@ -145,6 +149,20 @@ def format_report(r: RunReport) -> str:
             f"{k.stage_p50_s * 1e3:>7.1f} {k.stage_p95_s * 1e3:>7.1f} {k.compute_s:>9.3f} "
             f"{k.comm_s:>7.3f} {k.idle_s:>7.3f} {_mb(k.bytes_sent):>8} "
             f"{_mb(k.bytes_received):>8} {k.energy_j:>9.2f} {left:>8} {k.energy_label:<8}")
+    steps = [(k, k.widths) for k in r.ranks if k.widths and
+             (len(k.widths) > 1 or k.widths[0][1] != 1.0)]
+    if steps:
+        lines.append("")
+        for k, ws in steps:
+            lines.append(f"widths on r{k.rank} {k.device}: " + ", ".join(
+                f"{_width_label(w)} at {t:.2f} s" + (
+                    "" if not k.energy_budget_j or not k.energy_trace else
+                    f" ({_remaining_at(k, t):.1f} J left)") for t, w in ws))
+    drained = [k for k in r.ranks if k.drained_j]
+    if drained:
+        lines.append("")
+        lines += [f"injected drain on r{k.rank} {k.device}: {k.drained_j:.2f} J removed (a "
+                  f"fault, not counted as energy used)" for k in drained]
     if r.replans:
         lines.append("")
         for e in r.replans:
@@ -203,23 +221,64 @@ def plot_timeline(r: RunReport, path: str | Path) -> Path:
     return path
 
 
+def _width_label(r: float) -> str:
+    from fractions import Fraction
+
+    f = Fraction(r).limit_denominator(16)
+    return "full" if f == 1 else f"{f.numerator}/{f.denominator}"
+
+
+def _remaining_at(k: RankReport, t_s: float) -> float:
+    before = [p[1] for p in k.energy_trace if p[0] <= t_s]
+    return before[-1] if before else k.energy_trace[0][1]
+
+
 def plot_energy(r: RunReport, path: str | Path) -> Path:
-    """A PNG bar chart of energy used and left per rank."""
+    """A PNG of each rank's remaining energy over the run (its telemetry), as a share of its
+    E_max so that a 16 J phone and a 5 kJ board share one axis, with its E_min as a dotted line
+    of the same colour, its width steps marked on its curve, and each re-plan as a red
+    vertical line; ranks without a battery are left out (said in the title). The y label says
+    whether the figures are measured or modelled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    names = [f"r{k.rank} {k.device}" for k in r.ranks]
-    used = [k.energy_j for k in r.ranks]
-    left = [k.remaining_j or 0.0 for k in r.ranks]
-    ax.bar(names, used, label="used (J)")
-    ax.bar(names, left, bottom=used, label="remaining (J)", alpha=0.5)
-    ax.set_ylabel(f"energy, J ({r.energy_label})")
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    shown = [k for k in r.ranks if k.energy_trace]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, k in enumerate(shown):
+        c = colors[i % len(colors)]
+        e_max = k.energy_budget_j or max(p[1] for p in k.energy_trace) or 1.0
+        t = [p[0] for p in k.energy_trace]
+        e = [100.0 * p[1] / e_max for p in k.energy_trace]
+        ax.plot(t, e, color=c, label=f"r{k.rank} {k.device} (E_max {e_max:g} J)")
+        if k.energy_min_j:
+            ax.axhline(100.0 * k.energy_min_j / e_max, color=c, linestyle=":", linewidth=1)
+            ax.text(t[0], 100.0 * k.energy_min_j / e_max, f"E_min {k.device}", color=c,
+                    fontsize=7, va="bottom")
+        for ts, w in k.widths:
+            at = 100.0 * _remaining_at(k, ts) / e_max  # the last trace point before the step
+            ax.plot([ts], [at], marker="v", color=c, markersize=7)
+            ax.annotate(f"width {_width_label(w)}", (ts, at), textcoords="offset points",
+                        xytext=(4, 6), fontsize=7, color=c)
+    ax.set_ylim(0, 105)
+    for e in r.replans:
+        ax.axvline(e.time_s, color="red", linestyle="--", linewidth=1)
+        ax.text(e.time_s, 103, f" re-plan: {e.kind} {', '.join(e.devices)}", color="red",
+                fontsize=7, va="top")
+    left = [k.device for k in r.ranks if not k.energy_trace]
+    ax.set_xlabel("time since start (s)")
+    ax.set_ylabel(f"remaining energy, % of E_max ({r.energy_label})")
+    title = f"{r.model}: remaining energy per device"
+    if left:
+        title += f" (no battery: {', '.join(left)})"
+    ax.set_title(title, fontsize=9)
+    if shown:
+        ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

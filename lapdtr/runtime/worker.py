@@ -143,13 +143,28 @@ class Worker:
         m = self.meter
         if self.below_since is None and self.below_min():
             self.below_since = time.time()
-        return {"hb": time.time(), "below_since": self.below_since,
-                "energy_j": m.energy_j(), "remaining_j": m.remaining_j(),
+        now, remaining = time.time(), m.remaining_j()
+        if remaining is not None:
+            self._trace(now - self.t0, remaining)
+        return {"hb": now, "below_since": self.below_since,
+                "energy_j": m.energy_j(), "remaining_j": remaining, "drained_j": m.drained_j,
                 "energy_min_j": self.energy_min_j, "items": self.report.items,
                 "device": self.report.device, "energy_label": self.report.energy_label,
                 "bytes_sent": self.transport.bytes_sent,
                 "bytes_received": self.transport.bytes_received,
                 "compute_s": self.report.compute_s, "width": self.widths.width}
+
+    TRACE_POINTS = 2000
+
+    def _trace(self, t_s: float, remaining_j: float) -> None:
+        """Remaining energy over time, for the report's energy plot; halved (every other point
+        kept) when it reaches ``TRACE_POINTS``, so a long run keeps its whole span."""
+        tr = self.report.energy_trace
+        if tr and t_s - tr[-1][0] < 0.02:  # several beats at once (telemetry on demand)
+            return
+        tr.append([round(t_s, 4), remaining_j])
+        if len(tr) >= self.TRACE_POINTS:
+            del tr[1:-1:2]
 
     # -- per item (Algorithm 3) -------------------------------------------------------------
     def _faults(self, item: int) -> None:
@@ -237,6 +252,10 @@ class Worker:
         r.messages_sent = self.transport.messages_sent
         r.messages_received = self.transport.messages_received
         r.energy_j, r.remaining_j = self.meter.energy_j(), self.meter.remaining_j()
+        r.drained_j = self.meter.drained_j
+        r.energy_budget_j, r.energy_min_j = self.meter.budget_j, self.energy_min_j
+        if r.remaining_j is not None:
+            self._trace(time.time() - self.t0, r.remaining_j)
         r.param_bytes = self.model.param_bytes()
         r.weights_loaded_bytes = self.weights_loaded
         r.cache_peak_bytes = self.cache.peak_bytes
