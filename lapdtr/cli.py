@@ -30,9 +30,16 @@ def _cmd_models(args) -> int:
 def _cmd_profile(args) -> int:
     from .profile import measure_device, profile_model
 
+    widths = None
+    if args.widths is not None:
+        try:
+            widths = "all" if args.widths == "all" else [float(w) for w in args.widths.split(",")]
+        except ValueError:
+            raise ValueError(f"--widths {args.widths!r}: allowed: 'all' or comma-separated "
+                             f"ratios in (0, 1], e.g. 1,0.5") from None
     prof = profile_model(args.model, img_size=args.img_size, batch_size=args.batch,
                          dtype=args.dtype, repeats=args.repeats, use_cache=not args.no_cache,
-                         cache_dir=args.cache_dir, progress=sys.stderr.isatty())
+                         cache_dir=args.cache_dir, progress=sys.stderr.isatty(), widths=widths)
     rows = [[u.index, u.name, u.kind, "x".join(map(str, u.out_shape)), fmt_flops(u.flops),
              fmt_count(u.num_params), fmt_bytes(u.param_bytes), fmt_bytes(u.out_bytes),
              fmt_bytes(u.peak_bytes), fmt_time(u.latency_s)] for u in prof.units]
@@ -44,6 +51,14 @@ def _cmd_profile(args) -> int:
           f" {prof.dtype} on {prof.device}; latency = median of {args.repeats} runs (measured)")
     print(table(["#", "unit", "kind", "output", "FLOPs", "params", "param bytes", "act bytes",
                  "peak bytes", "latency"], rows, align="rllrrrrrrr"))
+    if len(prof.widths) > 1:
+        wrows = [[f"{w:.4g}", fmt_flops(prof.at_width(w).total_flops),
+                  f"{prof.at_width(w).total_flops / prof.total_flops:.3f}",
+                  fmt_time(prof.at_width(w).total_latency_s),
+                  f"{prof.at_width(w).total_latency_s / prof.total_latency_s:.3f}"]
+                 for w in prof.widths]
+        print(f"\nelastic widths (FLOPs by torch.utils.flop_counter, latency measured):")
+        print(table(["width", "FLOPs", "of full", "latency", "of full"], wrows, align="rrrrr"))
     if args.out:
         out = Path(args.out)
         prof.save(out / "profile.json")
@@ -92,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default=None, help="write DIR/profile.json and DIR/device.json")
     pr.add_argument("--cache-dir", default=None, help="profile cache (default ~/.cache/lapdtr)")
     pr.add_argument("--no-cache", action="store_true", help="always measure afresh")
+    pr.add_argument("--widths", default=None,
+                    help="also at elastic widths: 'all' or comma-separated ratios (ViT families)")
     pr.set_defaults(func=_cmd_profile)
 
     la = sub.add_parser(

@@ -24,15 +24,45 @@ def _load_devices(path):
     return load_devices(path)
 
 
-def _profile(args):
+def _profile(args, widths=None):
     """Model instance, its units and its profile (cached by ``profile_model``)."""
     from ..models import create_model, units
     from ..profile import profile_model
 
-    model = create_model(args.model)
+    model = create_model(args.model, img_size=args.img_size)  # families built for one size
     prof = profile_model(model, img_size=args.img_size, batch_size=args.batch,
-                         repeats=args.repeats, warmup=0, cache_dir=args.cache_dir)
+                         repeats=args.repeats, warmup=0, cache_dir=args.cache_dir,
+                         widths=widths)
     return model, units(model, prof.img_size), prof
+
+
+def _width_arg(text):
+    """``--width``: ``auto`` or a ratio in (0, 1]."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--width {text!r}: allowed: 'auto' or a ratio in (0, 1]") from None
+
+
+def _accuracy_arg(path):
+    """``--accuracy FILE``: ``{width: accuracy}`` from JSON (``lapdtr elastic-curve``'s
+    ``elastic_curve.json``, whose ``accuracy`` map it reads, or a plain mapping)."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--accuracy {path}: no such file (allowed: a JSON file mapping width "
+                         f"ratios to accuracies, e.g. lapdtr elastic-curve's elastic_curve.json)")
+    data = json.loads(p.read_text())
+    if isinstance(data, dict) and isinstance(data.get("accuracy"), dict):
+        data = data["accuracy"]
+    try:
+        return {float(k): float(v) for k, v in data.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(f"--accuracy {path}: expected a JSON object of width -> accuracy "
+                         f"(or one with an 'accuracy' object), got {str(data)[:80]}") from None
 
 
 def _strategy_kwargs(strategy, model, unit_list) -> dict:
@@ -92,13 +122,41 @@ def cmd_plan(args) -> int:
     from .registry import create_plan, get_planner
 
     get_planner(args.strategy)  # unknown strategy: error before profiling
+    width = _width_arg(getattr(args, "width", None))
+    accuracy = _accuracy_arg(getattr(args, "accuracy", None))
+    if accuracy is not None and width != "auto":
+        raise ValueError("--accuracy is for --width auto (Algorithm 1 weighs it per width)")
     devices = _load_devices(args.devices)
-    model, unit_list, prof = _profile(args)
+    model, unit_list, prof = _profile(args, widths=None if width in (None, 1.0) else "all")
+    if width not in (None, 1.0) and len(prof.widths) == 1:
+        from ..elastic.api import FAMILIES
+
+        raise ValueError(f"--width {args.width}: {args.model!r} ({prof.family}) has no elastic "
+                         f"layers; allowed: 1.0 (elastic families: {sorted(FAMILIES)})")
     objective = args.objective or _default_objective(args.strategy)
     kw = _strategy_kwargs(args.strategy, model, unit_list)
-    plan = create_plan(prof, devices, strategy=args.strategy, objective=objective,
-                       latency_target_s=args.latency_target, horizon_requests=args.horizon, **kw)
+    kw.update(strategy=args.strategy, objective=objective,
+              latency_target_s=args.latency_target, horizon_requests=args.horizon)
+    if width == "auto":
+        from .widths import plan_widths
+
+        plan = plan_widths(prof, devices, accuracy=accuracy, **kw)
+    elif width not in (None, 1.0):
+        from ..elastic import count_for
+        from .widths import plan_at_width
+
+        h = len(prof.widths)  # the k/h ratios of the attention with the fewest heads
+        plan = plan_at_width(prof, devices, count_for(width, h) / h, **kw)
+    else:
+        plan = create_plan(prof, devices, **kw)
     print(format_plan(plan))
+    sel = plan.meta.get("width_selection")
+    if "width" in plan.meta:
+        print(f"width {plan.meta['width']:.4g} on every stage (priced on the profile at that "
+              f"width)" + ("" if not sel else
+                           f"; chosen by Algorithm 1 among {[c['width'] for c in sel['candidates']]}"
+                           f", accuracy: {sel['accuracy_source']}"
+                           + (f"; no plan at {list(sel['refused'])}" if sel["refused"] else "")))
     if args.out:
         out = Path(args.out)
         plan.save(out / "plan.json")
@@ -217,6 +275,11 @@ def add_plan_commands(subparsers) -> None:
     p.add_argument("--latency-target", type=float, default=None, help="seconds per request")
     p.add_argument("--horizon", type=int, default=1,
                    help="requests each device's remaining energy must cover")
+    p.add_argument("--width", default=None,
+                   help="elastic width of every stage: a ratio in (0, 1] (rounded to a head "
+                        "count), or 'auto': Algorithm 1 picks among the model's widths")
+    p.add_argument("--accuracy", default=None,
+                   help="with --width auto: JSON of width -> accuracy (lapdtr elastic-curve)")
     p.set_defaults(func=cmd_plan)
     c = subparsers.add_parser("compare", help="Tang & Stefanov chart: max per-device energy per "
                                               "strategy for 1..K devices")

@@ -101,3 +101,30 @@ def test_format_plan_states_a_certified_gap():
                           max_expansions=3)
     assert not stopped.meta["exact"]
     assert f"at most {stopped.meta['gap']:.3%} above the optimum" in format_plan(stopped)
+
+
+def test_plan_command_at_widths(devices_file, cache_dir, tmp_path, capsys):
+    base = ["--model", "deit_tiny_patch16_224", "--img-size", "64", "--devices",
+            str(devices_file), "--cache-dir", str(cache_dir)]
+    out = tmp_path / "w"
+    assert main(["plan", *base, "--width", "0.4", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    plan = Plan.load(out / "plan.json")
+    assert [s.width for s in plan.stages] == [pytest.approx(1 / 3)] * len(plan.stages)
+    assert "width 0.3333 on every stage" in text  # 0.4 of 3 heads rounds to 1
+    acc = tmp_path / "acc.json"
+    acc.write_text(json.dumps({"accuracy": {"1.0": 0.9, "0.666667": 0.89, "0.333333": 0.5}}))
+    assert main(["plan", *base, "--width", "auto", "--accuracy", str(acc), "--out",
+                 str(out)]) == 0
+    sel = Plan.load(out / "plan.json").meta["width_selection"]
+    assert sel["accuracy_source"] == "given" and len(sel["candidates"]) == 3
+    assert "chosen by Algorithm 1" in capsys.readouterr().out
+    for extra, msg in ((["--width", "1.5"], r"not a width ratio"),
+                       (["--width", "half"], "allowed: 'auto' or a ratio"),
+                       (["--width", "0.5", "--accuracy", str(acc)], "--accuracy is for --width"),
+                       (["--width", "auto", "--accuracy", str(tmp_path / "no.json")],
+                        "no such file")):
+        assert main(["plan", *base, *extra]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["plan", *_args(devices_file, cache_dir, "--width", "0.5")]) == 2
+    assert "'resnet18' (resnet) has no elastic layers; allowed: 1.0" in capsys.readouterr().err
