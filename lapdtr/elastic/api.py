@@ -14,7 +14,7 @@ from torch import nn
 from .base import ElasticError, ElasticHeads, ElasticHidden, count_for
 
 __all__ = ["FAMILIES", "apply_elastic", "make_elastic", "set_width", "widths",
-           "order_by_magnitude_", "elastic_layers"]
+           "order_by_magnitude_", "elastic_layers", "inexact_layers"]
 
 #: adapter family -> the ``lapdtr.elastic`` module whose ``convert(model)`` swaps its layers
 FAMILIES = {"vit": "vit", "tiny_vit": "tiny_vit", "efficientvit_m": "efficientvit_m",
@@ -46,6 +46,14 @@ apply_elastic = make_elastic
 
 def elastic_layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, (ElasticHeads, ElasticHidden))]
+
+
+def inexact_layers(model: nn.Module) -> list[str]:
+    """Names of the elastic layers that run below full width only approximately (their
+    ``exact_below_full()`` is False but ``approximate`` lets them run: EdgeViT's attention
+    where ``sr_ratio > 1``); a model with such layers relies on elastic training there."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (ElasticHeads, ElasticHidden)) and not m.exact_below_full()]
 
 
 def set_width(model: nn.Module, ratio: float = 1.0, *, mlp_ratio: float | None = None) -> dict:
