@@ -8,23 +8,23 @@ import torch.nn.functional as F
 from timm.layers import ConvMlp
 from torch import nn
 
-import lapdtr
 from lapdtr.elastic import (ElasticError, ElasticHeads, ElasticMlp, count_for, inexact_layers,
-                            make_elastic, order_by_magnitude_, set_width, widths)
+                            make_elastic, set_width, widths)
 from lapdtr.elastic.edgevit import (ElasticConvMlp, ElasticGlobalSparseAttn,
                                     ElasticPropagatedSparseAttn, convert)
 from lapdtr.models.edgevit import LocalAgg
 from lapdtr.testing import assert_close_scaled, informative_weights_
 
-from elastic_helpers import run_with_inputs_cut
+from elastic_helpers import (assert_clearly_differs, assert_count_refused, assert_full_width,
+                             assert_largest_first, assert_partitioned_equals_whole,
+                             assert_ratio_refused, informative_model, inputs_cut,
+                             make_elastic_keeping_output, order_by_magnitude_keeping_output,
+                             run_with_inputs_cut, spy_weights, views_of_parameters,
+                             weight_copies)
 
 
-def _edgevit(**kw):
-    torch.manual_seed(0)
-    m = lapdtr.create_model("edgevit_xxs", img_size=64, num_classes=10, **kw).eval()
-    x = torch.randn(2, 3, 64, 64)
-    informative_weights_(m, seed=1, probe=x)  # no block invisible in the logits
-    return m, x
+def _edgevit():
+    return informative_model("edgevit_xxs", img_size=64, num_classes=10)
 
 
 def _layers(model, cls):
@@ -41,16 +41,6 @@ def _exact_attns(model):
 
 def _approx_attns(model):
     return [m for m in _attns(model) if m.sr_ratio > 1]
-
-
-def _cut_channels(d):
-    """Forward pre-hook zeroing channels ``d:`` of a channel-first ``(B, C, H, W)`` input."""
-    def cut(m, args):
-        (a,) = args
-        a = a.clone()
-        a[:, d:] = 0
-        return (a,)
-    return cut
 
 
 def _sliced_norm(d):
@@ -77,8 +67,7 @@ def _reference(model, x, *, exact_only: bool):
         cuts.append((m.proj, m.heads_now * m.head_dim))
     for m in _layers(model, ElasticMlp):
         cuts.append((m.fc2, m.hidden_now))
-    for m in _layers(model, ElasticConvMlp):
-        hooks.append(m.fc2.register_forward_pre_hook(_cut_channels(m.hidden_now)))
+    channel_cuts = [(m.fc2, m.hidden_now) for m in _layers(model, ElasticConvMlp)]
     for m in _approx_attns(model):
         d = m.heads_now * m.head_dim
         if exact_only:
@@ -92,7 +81,8 @@ def _reference(model, x, *, exact_only: bool):
         else:
             m.active_hidden = m.hidden_features
     try:
-        return run_with_inputs_cut(model, x, cuts)
+        with inputs_cut(channel_cuts, dim=1):  # channel-first (B, C, H, W) maps
+            return run_with_inputs_cut(model, x, cuts)
     finally:
         for h in hooks:
             h.remove()
@@ -112,11 +102,8 @@ def _set_exact_only(model, ratio):
 
 def test_full_width_is_the_original_exactly_and_keys_are_unchanged():
     model, x = _edgevit()
-    with torch.no_grad():
-        want = model(x)
-    keys = list(model.state_dict())
     before = {n: type(m) for n, m in model.named_modules()}
-    make_elastic(model)
+    make_elastic_keeping_output(model, x)
     assert len(_approx_attns(model)) == 5 and len(_exact_attns(model)) == 2  # depths 1,1,3 | 2
     assert all(type(m) is ElasticPropagatedSparseAttn for m in _approx_attns(model))
     assert all(type(m) is ElasticGlobalSparseAttn for m in _exact_attns(model))
@@ -125,13 +112,6 @@ def test_full_width_is_the_original_exactly_and_keys_are_unchanged():
     assert changed == {n for n, m in model.named_modules()
                        if n.endswith((".attn", ".mlp")) and "global_sparse" in n or
                        n.endswith("local_agg.mlp")}  # only inside EdgeViT's blocks
-    assert list(model.state_dict()) == keys  # checkpoints and load_units keep working
-    with torch.no_grad():
-        assert torch.equal(model(x), want)
-    set_width(model, 0.5)
-    set_width(model, 1.0)
-    with torch.no_grad():
-        assert torch.equal(model(x), want)
 
 
 @pytest.mark.parametrize("ratio, fused", [(0.75, True), (0.5, True), (0.25, True), (0.5, False)])
@@ -151,7 +131,7 @@ def test_exact_layers_at_a_reduced_width_equal_zeroing_the_dropped_units(ratio, 
     with torch.no_grad():
         y = model(x)
     assert_close_scaled(y, _reference(model, x, exact_only=True))
-    assert (y - full).abs().max() > 100 * 2e-5 * full.abs().max()  # the width changed the logits
+    assert_clearly_differs(y, full)  # the width changed the logits
 
 
 def test_inexact_layers_are_named_and_still_run_below_full_width():
@@ -175,15 +155,13 @@ def test_inexact_layers_are_named_and_still_run_below_full_width():
     with torch.no_grad():
         y = model(x)
     assert y.shape == full.shape and torch.isfinite(y).all()
-    assert (y - full).abs().max() > 100 * 2e-5 * full.abs().max()
+    assert_clearly_differs(y, full)
     # what it runs: the kept heads, local propagation and the norm over the kept channels only
     assert_close_scaled(y, _reference(model, x, exact_only=False))
     # ... which is not zeroing the dropped heads before proj (the norm sees all channels there)
     cuts = [(m.proj, m.heads_now * m.head_dim) for m in _approx_attns(model)]
     set_width(model, 1.0)
-    with torch.no_grad():
-        zeroed_after_norm = run_with_inputs_cut(model, x, cuts)
-    assert (y - zeroed_after_norm).abs().max() > 100 * 2e-5 * full.abs().max()
+    assert_clearly_differs(y, run_with_inputs_cut(model, x, cuts), scale=full)
 
 
 @pytest.mark.parametrize("ratio", [0.75, 0.25])
@@ -219,10 +197,7 @@ def test_conv_mlp_with_a_batch_norm_slices_it_in_eval_and_train_mode():
         after = {k: v.clone() for k, v in agg.state_dict().items()}
         agg.load_state_dict(ref)
         mlp.set_hidden(48)
-        h = mlp.fc2.register_forward_pre_hook(_cut_channels(20))
-        with torch.no_grad():
-            want = agg(x)
-        h.remove()
+        want = run_with_inputs_cut(agg, x, [(mlp.fc2, 20)], dim=1)
         assert_close_scaled(y, want)
         for key in ("mlp.norm.running_mean", "mlp.norm.running_var"):
             assert_close_scaled(after[key][:20], agg.state_dict()[key][:20])
@@ -258,49 +233,29 @@ def test_weights_are_sliced_as_views_not_copied(monkeypatch):
     """At a reduced width every weight the layers compute with is a view of a parameter, and
     no op copies a tensor shaped like a sliced weight (as F.conv2d would a column-sliced 1x1
     kernel): the profiler sees no copy, clone or contiguous of one."""
-    from torch.profiler import ProfilerActivity, profile
-
     model, x = _edgevit()
     make_elastic(model)
     set_width(model, 0.5)
     shapes = _sliced_weight_shapes(model)
     assert len(shapes) > 10
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        model(x)
-    copies = [(e.name, e.input_shapes) for e in prof.events()
-              if e.name in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::cat")
-              and any(tuple(s) in shapes for s in e.input_shapes if s)]
+    copies = weight_copies(model, x, shapes=shapes)
     assert not copies, copies
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = []
-    for name in ("linear", "conv2d", "conv_transpose2d", "layer_norm"):
-        real = getattr(F, name)
-
-        def spy(*a, _real=real, _at=2 if name == "layer_norm" else 1, **k):
-            weight = a[_at] if len(a) > _at else k.get("weight")
-            seen.append(weight is None or weight.untyped_storage().data_ptr() in params)
-            return _real(*a, **k)
-
-        monkeypatch.setattr(F, name, spy)
+    spies = [spy_weights(monkeypatch, F, name, at=2 if name == "layer_norm" else 1)
+             for name in ("linear", "conv2d", "conv_transpose2d", "layer_norm")]
     with torch.no_grad():
         model(x)
+    seen = views_of_parameters(model, [w for weights in spies for w in weights])
     assert len(seen) > 40 and all(seen)
 
 
 def test_magnitude_order_keeps_the_full_width_output_and_puts_the_largest_first():
     model, x = _edgevit()
     make_elastic(model)
-    with torch.no_grad():
-        full = model(x)
-    applied = order_by_magnitude_(model)
+    applied = order_by_magnitude_keeping_output(model, x)
     assert len(applied) == 7 + 7 + 5
     assert any(o != sorted(o) for o in applied.values())  # something was moved
-    with torch.no_grad():
-        assert_close_scaled(model(x), full)
-    for mod in _attns(model) + _layers(model, (ElasticMlp, ElasticConvMlp)):
-        score = mod.magnitude()
-        assert torch.all(score[:-1] >= score[1:])
+    assert_largest_first(model, (ElasticGlobalSparseAttn, ElasticMlp, ElasticConvMlp))
     set_width(model, 0.5)  # heads and channels moved consistently: the references still hold
     with torch.no_grad():
         y = model(x)
@@ -325,29 +280,16 @@ def test_head_site_holds_the_heads_side_by_side():
 
 
 def test_a_partitioned_elastic_model_runs_stage_by_stage():
-    model, x = _edgevit()
-    make_elastic(model)
-    set_width(model, 0.5)
-    with torch.no_grad():
-        want = model(x)
-        y = x
-        for s in lapdtr.partition(model, ["stages.2.blocks.1", "stages.3.blocks.0"]):
-            y = s(y)
-    assert torch.equal(y, want)
+    assert_partitioned_equals_whole(*_edgevit(), ["stages.2.blocks.1", "stages.3.blocks.0"])
 
 
 def test_bad_counts_are_named():
     model, _ = _edgevit()
     make_elastic(model)
     attn = _exact_attns(model)[0]
-    with pytest.raises(ElasticError, match=r"heads=9; allowed: 1\.\.8"):
-        attn.set_heads(9)
-    with pytest.raises(ElasticError, match=r"heads=0; allowed: 1\.\.4"):
-        _approx_attns(model)[-1].set_heads(0)
+    assert_count_refused(attn.set_heads, 9, "heads", 8)
+    assert_count_refused(_approx_attns(model)[-1].set_heads, 0, "heads", 4)
     conv_mlp = _layers(model, ElasticConvMlp)[0]
-    with pytest.raises(ElasticError, match=r"hidden=145; allowed: 1\.\.144"):
-        conv_mlp.set_hidden(145)
-    with pytest.raises(ElasticError, match=r"\(0, 1\]"):
-        set_width(model, 1.5)
-    assert all(k == h for k, h in widths(model)["heads"])  # nothing changed
-    assert all(k == h for k, h in widths(model)["hidden"])
+    assert_count_refused(conv_mlp.set_hidden, 145, "hidden", 144)
+    assert_ratio_refused(model, 1.5)
+    assert_full_width(model)  # nothing changed

@@ -10,18 +10,18 @@ import torch
 import torch.nn.functional as F
 
 import lapdtr
-from lapdtr.elastic import (ElasticError, count_for, make_elastic, order_by_magnitude_,
-                            set_width, widths)
+from lapdtr.elastic import ElasticError, count_for, make_elastic, set_width
 from lapdtr.elastic.efficientvit_m import ElasticCascadedGroupAttention, ElasticConvMlp
-from lapdtr.testing import assert_close_scaled, informative_weights_
+from lapdtr.testing import assert_close_scaled
+
+from elastic_helpers import (assert_clearly_differs, assert_count_refused, assert_full_width,
+                             assert_largest_first, assert_partitioned_equals_whole,
+                             assert_ratio_refused, clear_bias_caches, informative_model,
+                             make_elastic_keeping_output, order_by_magnitude_keeping_output,
+                             output_at_width, run_with_inputs_cut, spy_weights,
+                             views_of_parameters, weight_copies)
 
 SIZE = 128
-
-
-def _clear_bias_caches(model):
-    for mod in model.modules():
-        if hasattr(mod, "attention_bias_cache"):
-            mod.attention_bias_cache = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,44 +38,15 @@ def _one_thread():
 def prepared(_one_thread):
     """efficientvit_m0 with informative weights and non-zero bias tables (timm zero-inits the
     tables and the last BatchNorm scale of every branch), and a probe batch."""
-    torch.manual_seed(0)
-    m = lapdtr.create_model("efficientvit_m0", img_size=SIZE).eval()
-    x = torch.randn(2, 3, SIZE, SIZE)
-    with torch.no_grad():
-        for mod in m.modules():
-            if hasattr(mod, "attention_biases"):
-                mod.attention_biases.normal_(0, 0.5)
-    informative_weights_(m, seed=1, probe=x)
-    _clear_bias_caches(m)
-    return m, x
+    return informative_model("efficientvit_m0", img_size=SIZE, size=SIZE, bias_tables=True)
 
 
 @pytest.fixture
 def m0(prepared):
     model, x = prepared
     model = copy.deepcopy(model)
-    _clear_bias_caches(model)
+    clear_bias_caches(model)
     return model, x.clone()
-
-
-def _run_with_channels_cut(model, x, cuts):
-    """``model(x)`` with channels ``d:`` (dim 1, channel-first maps) of the input of each
-    ``(module, d)`` in ``cuts`` zeroed."""
-    def hook(d):
-        def cut(m, args):
-            (a,) = args
-            a = a.clone()
-            a[:, d:] = 0
-            return (a,)
-        return cut
-
-    hooks = [mod.register_forward_pre_hook(hook(d)) for mod, d in cuts]
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def _zeroing_reference(model, ratio, x, mlp_ratio=None):
@@ -86,7 +57,7 @@ def _zeroing_reference(model, ratio, x, mlp_ratio=None):
             if isinstance(m, ElasticCascadedGroupAttention)]
     cuts += [(m.pw2, count_for(mlp_ratio, m.hidden_features)) for m in model.modules()
              if isinstance(m, ElasticConvMlp)]
-    return _run_with_channels_cut(model, x, cuts)
+    return run_with_inputs_cut(model, x, cuts, dim=1)  # channel-first maps
 
 
 def _elastic(model):
@@ -97,20 +68,11 @@ def _elastic(model):
 def test_full_width_is_the_original_and_keys_are_unchanged(m0):
     model, x = m0
     original = copy.deepcopy(model)
-    with torch.no_grad():
-        want = model(x)
-    keys = list(model.state_dict())
-    make_elastic(model)
+    make_elastic_keeping_output(model, x)
     # 6 blocks' attentions; 2 ConvMlp per block and 2 per downsampling (stages 1, 2)
     assert sum(isinstance(m, ElasticCascadedGroupAttention) for m in model.modules()) == 6
     assert sum(isinstance(m, ElasticConvMlp) for m in model.modules()) == 16
-    assert list(model.state_dict()) == keys
     with torch.no_grad():
-        assert torch.equal(model(x), want)
-    set_width(model, 0.5)
-    set_width(model, 1.0)
-    with torch.no_grad():
-        assert torch.equal(model(x), want)
         model.train()
         original.train()
         assert torch.equal(model(x), original(x))  # training mode: batch statistics
@@ -138,12 +100,9 @@ def test_reduced_width_equals_zeroing_the_dropped_heads_and_units(m0, ratio):
     make_elastic(model)
     with torch.no_grad():
         full = model(x)
-    set_width(model, ratio)
-    with torch.no_grad():
-        y = model(x)
-    set_width(model, 1.0)
+    y = output_at_width(model, x, ratio)
     assert_close_scaled(y, _zeroing_reference(model, ratio, x))
-    assert (y - full).abs().max() > 100 * 2e-5 * full.abs().max()  # the width changed the logits
+    assert_clearly_differs(y, full)  # the width changed the logits
 
 
 def test_reduced_width_in_training_mode_uses_batch_statistics_of_the_kept_units(m0):
@@ -172,17 +131,14 @@ def test_reduced_width_in_training_mode_uses_batch_statistics_of_the_kept_units(
             assert not torch.equal(a.pw1.bn.running_mean[:m], mean0[:m])
             assert int(a.pw1.bn.num_batches_tracked) == int(b.pw1.bn.num_batches_tracked)
     with torch.no_grad():
-        assert (y - ref(x)).abs().max() > 100 * 2e-5 * want.abs().max()
+        assert_clearly_differs(y, ref(x), scale=want)
 
 
 def test_heads_and_hidden_set_apart(m0):
     model, x = m0
     make_elastic(model)
     for ratio, mlp_ratio in [(0.5, 1.0), (1.0, 0.25)]:
-        set_width(model, ratio, mlp_ratio=mlp_ratio)
-        with torch.no_grad():
-            y = model(x)
-        set_width(model, 1.0)
+        y = output_at_width(model, x, ratio, mlp_ratio)
         assert_close_scaled(y, _zeroing_reference(model, ratio, x, mlp_ratio))
 
 
@@ -190,8 +146,6 @@ def test_weights_are_sliced_as_views_not_copied(m0):
     """At a reduced width no op copies a weight: the profiler sees no copy, clone, cat or
     contiguous of a tensor shaped like a weight or a weight slice in use (F.conv2d would copy a
     column-sliced 1x1 weight, which is why those run as matmuls on the strided view)."""
-    from torch.profiler import ProfilerActivity, profile
-
     model, x = m0
     make_elastic(model)
     set_width(model, 0.5)
@@ -204,14 +158,7 @@ def test_weights_are_sliced_as_views_not_copied(m0):
             m, w1, w2 = mod.hidden_now, mod.pw1.conv.weight, mod.pw2.conv.weight
             shapes |= {(m, *w1.shape[1:]), (m, w1.shape[1]), (w2.shape[0], m, 1, 1),
                        (w2.shape[0], m), (m, w2.shape[0])}
-    with torch.no_grad():
-        model(x)  # fills timm's eval-mode bias caches
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            model(x)
-    copies = [(e.name, e.input_shapes) for e in prof.events()
-              if e.name in ("aten::copy_", "aten::clone", "aten::cat", "aten::contiguous",
-                            "aten::_to_copy", "aten::index")
-              and any(tuple(s) in shapes for s in e.input_shapes if s)]
+    copies = weight_copies(model, x, shapes=shapes, warmup=True)  # warmup: timm's bias caches
     assert not copies, copies
 
 
@@ -223,22 +170,14 @@ def test_sliced_weights_share_the_parameters_storage(m0, monkeypatch):
     model, x = m0
     make_elastic(model)
     set_width(model, 0.5)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    convs, mms = [], []
-    conv2d, matmul = F.conv2d, torch.matmul
-
-    def conv(inp, weight, *a, **kw):
-        convs.append(weight.untyped_storage().data_ptr() in params and weight.is_contiguous())
-        return conv2d(inp, weight, *a, **kw)
-
-    def mm(a, b):
-        mms.append(a.untyped_storage().data_ptr() in params and a.dim() == 2)
-        return matmul(a, b)
-
-    monkeypatch.setattr(F, "conv2d", conv)
-    monkeypatch.setattr(mod.torch, "matmul", mm)
+    conv_weights = spy_weights(monkeypatch, F, "conv2d")
+    mm_weights = spy_weights(monkeypatch, mod.torch, "matmul", at=0)
     with torch.no_grad():
         model(x)
+    mms = [view and w.dim() == 2
+           for w, view in zip(mm_weights, views_of_parameters(model, mm_weights))]
+    convs = [view and w.is_contiguous()
+             for w, view in zip(conv_weights, views_of_parameters(model, conv_weights))]
     assert len(mms) == 6 + 16 and all(mms), mms  # proj per attention, pw2 per ConvMlp
     assert convs and all(convs)
     attn = next(m for m in model.modules() if isinstance(m, ElasticCascadedGroupAttention))
@@ -249,24 +188,16 @@ def test_sliced_weights_share_the_parameters_storage(m0, monkeypatch):
 def test_magnitude_order_reorders_the_mlps_only_and_keeps_the_output(m0):
     model, x = m0
     make_elastic(model)
-    with torch.no_grad():
-        full = model(x)
-    applied = order_by_magnitude_(model)
+    applied = order_by_magnitude_keeping_output(model, x)
     assert len(applied) == 16  # the ConvMlps; the cascaded attentions are not reorderable
     assert all(".ffn" in n or ".res" in n for n in applied)
     assert any(order != sorted(order) for order in applied.values())
-    with torch.no_grad():
-        assert_close_scaled(model(x), full)
+    assert_largest_first(model, ElasticConvMlp)
     for mod in _elastic(model):
-        score = mod.magnitude()
-        if isinstance(mod, ElasticConvMlp):
-            assert torch.all(score[:-1] >= score[1:])
-        else:
+        if isinstance(mod, ElasticCascadedGroupAttention):
+            score = mod.magnitude()
             assert score.shape == (4,) and torch.all(score > 0)
-    set_width(model, 0.5)  # pw1.bn's statistics moved with the rows
-    with torch.no_grad():
-        y = model(x)
-    set_width(model, 1.0)
+    y = output_at_width(model, x, 0.5)  # pw1.bn's statistics moved with the rows
     assert_close_scaled(y, _zeroing_reference(model, 0.5, x))
 
 
@@ -289,32 +220,19 @@ def test_cascaded_heads_cannot_be_reordered(m0):
 
 
 def test_a_partitioned_elastic_model_runs_stage_by_stage(m0):
-    model, x = m0
-    make_elastic(model)
-    set_width(model, 0.5)
-    with torch.no_grad():
-        want = model(x)
-        y = x
-        for s in lapdtr.partition(model, ["stages.1.downsample", "stages.2.blocks.1"]):
-            y = s(y)
-    assert torch.equal(y, want)
+    assert_partitioned_equals_whole(*m0, ["stages.1.downsample", "stages.2.blocks.1"])
 
 
 def test_bad_widths_are_named():
     model = make_elastic(lapdtr.create_model("efficientvit_m0", img_size=64))
     attn = next(m for m in model.modules() if isinstance(m, ElasticCascadedGroupAttention))
     mlp = next(m for m in model.modules() if isinstance(m, ElasticConvMlp))
-    with pytest.raises(ElasticError, match=r"heads=5; allowed: 1\.\.4"):
-        attn.set_heads(5)
-    with pytest.raises(ElasticError, match=r"heads=0; allowed: 1\.\.4"):
-        attn.set_heads(0)
-    with pytest.raises(ElasticError, match=r"hidden=129; allowed: 1\.\.128"):
-        mlp.set_hidden(129)
-    with pytest.raises(ElasticError, match=r"\(0, 1\]"):
-        set_width(model, 0)
-    with pytest.raises(ElasticError, match=r"\(0, 1\]"):
-        set_width(model, 0.5, mlp_ratio=1.5)
-    assert all(k == h for k, h in widths(model)["heads"] + widths(model)["hidden"])
+    assert_count_refused(attn.set_heads, 5, "heads", 4)
+    assert_count_refused(attn.set_heads, 0, "heads", 4)
+    assert_count_refused(mlp.set_hidden, 129, "hidden", 128)
+    assert_ratio_refused(model, 0)
+    assert_ratio_refused(model, 0.5, mlp_ratio=1.5)
+    assert_full_width(model)
 
 
 @pytest.mark.parametrize("name", ["efficientvit_m1", "efficientvit_m2", "efficientvit_m3",
@@ -324,16 +242,9 @@ def test_every_size_converts_and_runs_below_full_width(name):
     half width equal to zeroing (default init, so only a smoke test of the shapes)."""
     model = lapdtr.create_model(name, img_size=64).eval()
     x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        want = model(x)
-    make_elastic(model)
+    make_elastic_keeping_output(model, x)
     depth = sum(len(s.blocks) for s in model.stages)
     assert sum(isinstance(m, ElasticCascadedGroupAttention) for m in model.modules()) == depth
     assert sum(isinstance(m, ElasticConvMlp) for m in model.modules()) == 2 * depth + 4
-    with torch.no_grad():
-        assert torch.equal(model(x), want)
-    set_width(model, 0.5)
-    with torch.no_grad():
-        y = model(x)
-    set_width(model, 1.0)
+    y = output_at_width(model, x, 0.5)
     assert_close_scaled(y, _zeroing_reference(model, 0.5, x))

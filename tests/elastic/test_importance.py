@@ -8,15 +8,14 @@ import torch.nn.functional as F
 import lapdtr
 from lapdtr.elastic import (ElasticAttention, ElasticError, ElasticMlp, importance,
                             make_elastic, order_by_importance_, set_width)
-from lapdtr.testing import assert_close_scaled, informative_weights_
+from lapdtr.testing import assert_close_scaled
+
+from elastic_helpers import informative_model
 
 
 def _deit():
-    torch.manual_seed(0)
-    m = lapdtr.create_model("deit_tiny_patch16_224", depth=2, img_size=32, patch_size=8,
-                            num_classes=5).eval()
-    x = torch.randn(8, 3, 32, 32)
-    informative_weights_(m, seed=1, probe=x)
+    m, x = informative_model("deit_tiny_patch16_224", size=32, batch=8, depth=2, img_size=32,
+                             patch_size=8, num_classes=5)
     y = torch.randint(0, 5, (8,))
     return make_elastic(m), x, y
 
@@ -115,10 +114,7 @@ def test_efficientvit_b_heads_are_masked_in_every_branch():
     on a double model, too coarse for a central difference: the gradient is taken here)."""
     from lapdtr.elastic.efficientvit_b import ElasticLiteMLA
 
-    torch.manual_seed(0)
-    m = lapdtr.create_model("efficientvit_b0", num_classes=5).eval()
-    x = torch.randn(2, 3, 32, 32)
-    informative_weights_(m, seed=1, probe=x)
+    m, x = informative_model("efficientvit_b0", size=32, num_classes=5)
     make_elastic(m)
     y = torch.tensor([1, 3])
     scores = importance(m, [(x, y)])

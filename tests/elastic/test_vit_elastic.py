@@ -6,18 +6,17 @@ from torch import nn
 
 import lapdtr
 from lapdtr.elastic import (ElasticAttention, ElasticError, ElasticMlp, make_elastic,
-                            order_by_magnitude_, set_width, widths)
-from lapdtr.testing import assert_close_scaled, informative_weights_
+                            set_width, widths)
+from lapdtr.testing import assert_close_scaled
 
-from elastic_helpers import run_with_inputs_cut
+from elastic_helpers import (assert_clearly_differs, assert_count_refused, assert_largest_first,
+                             assert_partitioned_equals_whole, informative_model,
+                             make_elastic_keeping_output, order_by_magnitude_keeping_output,
+                             output_at_width, run_with_inputs_cut, weight_copies)
 
 
-def _deit(**kw):
-    torch.manual_seed(0)
-    m = lapdtr.create_model("deit_tiny_patch16_224", depth=3, img_size=64, **kw).eval()
-    x = torch.randn(2, 3, 64, 64)
-    informative_weights_(m, seed=1, probe=x)  # no block invisible in the logits
-    return m, x
+def _deit():
+    return informative_model("deit_tiny_patch16_224", depth=3, img_size=64)
 
 
 def _zeroing_reference(model, heads: int, hidden: int, x):
@@ -31,19 +30,9 @@ def _zeroing_reference(model, heads: int, hidden: int, x):
 
 def test_full_width_is_the_original_exactly_and_keys_are_unchanged():
     model, x = _deit()
-    with torch.no_grad():
-        want = model(x)
-    keys = list(model.state_dict())
-    make_elastic(model)
+    make_elastic_keeping_output(model, x)
     assert sum(isinstance(m, ElasticAttention) for m in model.modules()) == 3
     assert sum(isinstance(m, ElasticMlp) for m in model.modules()) == 3
-    assert list(model.state_dict()) == keys  # checkpoints and load_units keep working
-    with torch.no_grad():
-        assert torch.equal(model(x), want)
-    set_width(model, 0.5)
-    set_width(model, 1.0)
-    with torch.no_grad():
-        assert torch.equal(model(x), want)
 
 
 @pytest.mark.parametrize("ratio, heads, hidden", [(0.75, 2, 576), (0.5, 2, 384), (0.34, 1, 261),
@@ -55,12 +44,9 @@ def test_reduced_width_equals_zeroing_the_dropped_units(ratio, heads, hidden):
         full = model(x)
     got_w = set_width(model, ratio)
     assert got_w["heads"] == [(heads, 3)] * 3 and got_w["hidden"] == [(hidden, 768)] * 3
-    with torch.no_grad():
-        y = model(x)
-    set_width(model, 1.0)
-    want = _zeroing_reference(model, heads, hidden, x)
-    assert_close_scaled(y, want)
-    assert (y - full).abs().max() > 100 * 2e-5 * full.abs().max()  # the width changed the logits
+    y = output_at_width(model, x, ratio)
+    assert_close_scaled(y, _zeroing_reference(model, heads, hidden, x))
+    assert_clearly_differs(y, full)  # the width changed the logits
 
 
 def test_heads_and_hidden_set_apart():
@@ -68,9 +54,7 @@ def test_heads_and_hidden_set_apart():
     make_elastic(model)
     set_width(model, 1.0, mlp_ratio=0.25)
     assert widths(model) == {"heads": [(3, 3)] * 3, "hidden": [(192, 768)] * 3}
-    with torch.no_grad():
-        y = model(x)
-    set_width(model, 1.0)
+    y = output_at_width(model, x, 1.0, mlp_ratio=0.25)
     assert_close_scaled(y, _zeroing_reference(model, 3, 192, x))
 
 
@@ -81,50 +65,22 @@ def test_weights_are_sliced_as_views_not_copied():
     model, x = _deit()
     make_elastic(model)
     set_width(model, 0.5)
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        model(x)
     smallest_weight = min(p.numel() for n, p in model.named_parameters()
                           if n.endswith("weight") and p.dim() == 2 and "blocks" in n)
-    copies = []
-    for e in prof.events():
-        if e.name in ("aten::copy_", "aten::clone", "aten::cat", "aten::contiguous"):
-            for shape in e.input_shapes:
-                n = 1
-                for s in shape or []:
-                    n *= s
-                if shape and n >= smallest_weight:
-                    copies.append((e.name, shape))
+    copies = weight_copies(model, x, min_numel=smallest_weight)
     assert not copies, copies
 
 
 def test_magnitude_order_keeps_the_full_width_output_and_puts_the_largest_first():
     model, x = _deit()
     make_elastic(model)
-    with torch.no_grad():
-        full = model(x)
-
-    applied = order_by_magnitude_(model)
+    applied = order_by_magnitude_keeping_output(model, x)
     assert len(applied) == 6
-    with torch.no_grad():
-        assert_close_scaled(model(x), full)
-    for mod in model.modules():
-        if isinstance(mod, (ElasticAttention, ElasticMlp)):
-            score = mod.magnitude()
-            assert torch.all(score[:-1] >= score[1:])
+    assert_largest_first(model, (ElasticAttention, ElasticMlp))
 
 
 def test_a_partitioned_elastic_model_runs_stage_by_stage():
-    model, x = _deit()
-    make_elastic(model)
-    set_width(model, 0.5)
-    with torch.no_grad():
-        want = model(x)
-        y = x
-        for s in lapdtr.partition(model, ["blocks.1"]):
-            y = s(y)
-    assert torch.equal(y, want)
+    assert_partitioned_equals_whole(*_deit(), ["blocks.1"])
 
 
 @pytest.mark.parametrize("bad, match", [(0, r"width ratio; allowed: a number in \(0, 1\]"),
@@ -142,8 +98,7 @@ def test_bad_counts_and_models_are_named():
     model, _ = _deit()
     make_elastic(model)
     attn = next(m for m in model.modules() if isinstance(m, ElasticAttention))
-    with pytest.raises(ElasticError, match=r"heads=4; allowed: 1\.\.3"):
-        attn.set_heads(4)  # k > h
+    assert_count_refused(attn.set_heads, 4, "heads", 3)  # k > h
     with pytest.raises(ElasticError, match=r"'resnet' has no elastic layers; allowed: \['edgevit', 'efficientvit_b', "
                        r"'efficientvit_m', 'tiny_vit', 'vit'\]"):
         make_elastic(lapdtr.create_model("resnet18"))
