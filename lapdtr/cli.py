@@ -12,11 +12,14 @@ from ._fmt import fmt_bytes, fmt_count, fmt_flops, fmt_time, table
 def _cmd_models(args) -> int:
     from .models import list_adapters, list_supported_models
 
-    supported = list_supported_models()
+    supported = list_supported_models(progress=sys.stderr.isatty())
+    total = sum(len(v) for v in supported.values())
+    print(f"{total} timm model names in {len(supported)} families; a name is supported when an "
+          f"adapter handles the class it builds (checked on the meta device)")
     for a in list_adapters():
         names = supported[a.name]
         print(f"{a.name:14s} {a.description}")
-        print(f"{'':14s} patterns: {', '.join(a.patterns)}")
+        print(f"{'':14s} classes: {', '.join(t.__name__ for t in a.model_types)}")
         if args.all:
             print(f"{'':14s} models ({len(names)}): {', '.join(names)}")
         else:
@@ -136,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
     la.set_defaults(func=_cmd_launch)
 
-    for mod in ("lapdtr.plan.cli", "lapdtr.runtime.cli"):
+    for mod in ("lapdtr.plan.cli", "lapdtr.runtime.cli", "lapdtr.elastic.cli"):
         _register(sub, mod)  # plan, compare / run, demo
     return p
 
