@@ -40,8 +40,6 @@ and TinyViT families use LayerNorm only).
 from __future__ import annotations
 
 import json
-import math
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -221,93 +219,52 @@ def train_elastic_digits(model_name: str, path: str | Path, *, img_size: int = 3
     {width_key: top1}, "model", "model_kwargs", "img_size", "epochs", "widths", "sandwich",
     "n_random", "order", "steps"}``.
     """
-    from safetensors.torch import save_file
-
-    from ..data.config import DataConfig
     from ..data.predictions import reference_accuracy
-    from ..data.sources import (_load_digits, build_loader, digits_images, digits_split,
-                                model_data_config)
-    from ..data.train import digits_model_kwargs
-    from ..models.base import create_model
+    from ..data.train import (_digits_metadata, _save_digits_checkpoint, _train_on_digits,
+                              digits_model_kwargs)
     from .policy import allowed_widths
 
-    for key, v, lo in (("img_size", img_size, 1), ("epochs", epochs, 0), ("seed", seed, 0),
-                       ("batch_size", batch_size, 1), ("num_threads", num_threads, 1),
-                       ("calib_size", calib_size, 1), ("n_random", n_random, 0)):
-        if v is None and key == "num_threads":
-            continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{key}: expected an integer >= {lo}, got {v!r}")
-    if order not in ORDERS:
-        raise ValueError(f"order: {order!r}; allowed: {list(ORDERS)}")
-    kw = digits_model_kwargs(model_name, img_size, model_kwargs)
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):  # seeded from ``seed``; the caller's RNG untouched
-        torch.manual_seed(seed)
-        model = create_model(model_name, **kw)
+    chosen = {}  # set by prepare, once the arguments are checked: widths, generator
+
+    def prepare(model, x, y):  # the seeded model, the train split; returns the layers ordered
         if init_checkpoint is not None:
             from ..runtime.stages import load_model
 
+            kw = digits_model_kwargs(model_name, img_size, model_kwargs)
             model.load_state_dict(load_model(model_name, init_checkpoint, kw).state_dict(),
                                   strict=True)
         make_elastic(model)
-        widths = _check_widths(allowed_widths(model) if widths is None else widths)
-        eval_widths = widths if eval_widths is None else _check_widths(eval_widths)
-        cfg = model_data_config(model, img_size)
-        train_idx, _ = digits_split()
-        x = digits_images(train_idx, img_size, in_chans=cfg["input_size"][0], mean=cfg["mean"],
-                          std=cfg["std"])
-        y = _load_digits()[1][torch.as_tensor(train_idx)]
-        steps = epochs * math.ceil(len(train_idx) / batch_size)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
-        gen = torch.Generator().manual_seed(seed + 1)
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
-        try:
-            applied = {}
-            if sandwich and order is not None:
-                applied = _order(model, order, [(x[:calib_size], y[:calib_size])])
-            model.train()
-            t0 = time.perf_counter()
-            for _ in range(epochs):
-                perm = torch.randperm(len(train_idx))
-                for i in range(0, len(perm), batch_size):
-                    b = perm[i:i + batch_size]
-                    if sandwich:
-                        sandwich_step(model, x[b], y[b], opt, widths, n_random=n_random,
-                                      generator=gen, temperature=temperature)
-                    else:
-                        loss = F.cross_entropy(model(x[b]), y[b])
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-                    sched.step()
-            train_s = time.perf_counter() - t0
-            test = build_loader(DataConfig(kind="digits", split="test"), model,
-                                img_size=img_size, batch_size=256)
-            set_width(model, 1.0)
-            acc = reference_accuracy(model, test)  # in eval mode
-            curve = evaluate_widths(model, test, eval_widths)
-        finally:
-            torch.set_num_threads(threads)
-    model.eval()
+        chosen["widths"] = _check_widths(allowed_widths(model) if widths is None else widths)
+        chosen["eval"] = chosen["widths"] if eval_widths is None else _check_widths(eval_widths)
+        chosen["gen"] = torch.Generator().manual_seed(seed + 1)  # the random widths' own
+        if sandwich and order is not None:
+            return _order(model, order, [(x[:calib_size], y[:calib_size])])
+        return {}
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata={
-        "model": model_name,
-        "weights": "trained on digits" + (" with the sandwich rule" if sandwich else ""),
-        "model_kwargs": json.dumps(kw, sort_keys=True), "img_size": str(img_size),
-        "test_top1": f"{acc['top1']:.4f}", "widths": json.dumps(widths),
+    def step(model, xb, yb, opt):
+        sandwich_step(model, xb, yb, opt, chosen["widths"], n_random=n_random,
+                      generator=chosen["gen"], temperature=temperature)
+
+    def evaluate(model, test):
+        set_width(model, 1.0)
+        acc = reference_accuracy(model, test)  # in eval mode
+        return acc, evaluate_widths(model, test, chosen["eval"])
+
+    run = _train_on_digits(model_name, img_size=img_size, epochs=epochs, seed=seed,
+                           model_kwargs=model_kwargs, batch_size=batch_size, lr=lr,
+                           weight_decay=weight_decay, num_threads=num_threads,
+                           checks=(("calib_size", calib_size, 1), ("n_random", n_random, 0)),
+                           choices=(("order", order, ORDERS),), prepare=prepare,
+                           step=step if sandwich else None, evaluate=evaluate)
+    trained, curve = chosen["widths"], run.evaluated
+    weights = "trained on digits" + (" with the sandwich rule" if sandwich else "")
+    path = _save_digits_checkpoint(run.model, path, {
+        **_digits_metadata(model_name, run, img_size, weights), "widths": json.dumps(trained),
         "accuracy": json.dumps(curve, sort_keys=True)})
-    tmp.replace(path)
-    return {"path": str(path), "train_s": train_s, "test_top1": acc["top1"],
-            "test_top5": acc["top5"], "accuracy": curve, "model": model_name,
-            "model_kwargs": kw, "img_size": img_size, "epochs": epochs, "widths": widths,
-            "sandwich": bool(sandwich), "n_random": n_random if sandwich else 0,
-            "order": order if sandwich else None, "ordered_layers": len(applied),
-            "steps": steps}
+    return {"path": path, "train_s": run.train_s, "test_top1": run.acc["top1"],
+            "test_top5": run.acc["top5"], "accuracy": curve, "model": model_name,
+            "model_kwargs": run.model_kwargs, "img_size": img_size, "epochs": epochs,
+            "widths": trained, "sandwich": bool(sandwich),
+            "n_random": n_random if sandwich else 0, "order": order if sandwich else None,
+            "ordered_layers": len(run.prepared),
+            "steps": run.steps}
