@@ -9,7 +9,6 @@ function that runs them on the host's own submodules and methods (``patch_embed`
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -88,7 +87,11 @@ class Adapter:
         return type(model) in self.model_types
 
     def supports_name(self, model_name: str) -> bool:
-        return any(fnmatch.fnmatch(model_name, p) for p in self.patterns)
+        """Whether ``model_name`` builds a class this adapter handles (on the meta device)."""
+        from .names import model_class_name
+
+        return model_class_name(model_name) in {f"{t.__module__}.{t.__qualname__}"
+                                                for t in self.model_types}
 
 
 _ADAPTERS: dict[str, Adapter] = {}
@@ -118,7 +121,8 @@ def list_adapters() -> list[Adapter]:
 
 
 def _supported_text() -> str:
-    return "; ".join(f"{a.name}: {', '.join(a.patterns)}" for a in _ADAPTERS.values())
+    return "; ".join(f"{a.name} ({', '.join(t.__name__ for t in a.model_types)})"
+                     for a in _ADAPTERS.values())
 
 
 def get_adapter(model: nn.Module) -> Adapter:
@@ -126,24 +130,81 @@ def get_adapter(model: nn.Module) -> Adapter:
         if a.matches(model):
             return a
     raise ValueError(
-        f"unsupported model class {type(model).__name__!r}; supported families: {_supported_text()}")
+        f"unsupported model class {type(model).__name__!r}; supported families (classes): "
+        f"{_supported_text()}")
+
+
+def _qualname(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def _adapter_of_class(cls_name: str) -> Adapter | None:
+    for a in _ADAPTERS.values():
+        if any(_qualname(t) == cls_name for t in a.model_types):
+            return a
+    return None
 
 
 def get_adapter_for_name(model_name: str) -> Adapter:
-    for a in _ADAPTERS.values():
-        if a.supports_name(model_name):
-            return a
-    raise ValueError(f"unsupported model {model_name!r}; supported families: {_supported_text()}")
-
-
-def list_supported_models() -> dict[str, list[str]]:
-    """Family -> the timm model names it supports (registered in timm and matching its patterns)."""
+    """The adapter of the class ``model_name`` builds (decided on the meta device:
+    :mod:`lapdtr.models.names`); a name no adapter handles is a ``ValueError`` naming the class
+    it builds and the families there are."""
     import timm
 
-    out = {}
-    for a in _ADAPTERS.values():
-        names = sorted({n for p in a.patterns for n in timm.list_models(p)})
-        out[a.name] = names
+    from .names import model_class_name
+
+    if not isinstance(model_name, str) or model_name not in timm.list_models():
+        import os
+
+        name = str(model_name)
+        names = timm.list_models()
+        best = max((len(os.path.commonprefix([name, n])) for n in names), default=0)
+        close = [n for n in names if best >= 4 and n.startswith(name[:best])][:6]
+        raise ValueError(f"unknown model {model_name!r}: timm registers no such name"
+                         + (f" (close: {', '.join(close)})" if close else "")
+                         + f"; supported families (classes): {_supported_text()}")
+    cls_name = model_class_name(model_name)
+    adapter = _adapter_of_class(cls_name)
+    if adapter is None:
+        what = (f"timm cannot build it without weights or arguments ({cls_name[8:]})"
+                if cls_name.startswith("!error") else
+                f"it builds a {cls_name.rsplit('.', 1)[-1]}, which no lapdtr adapter handles")
+        raise ValueError(f"unsupported model {model_name!r}: {what}; supported families "
+                         f"(classes): {_supported_text()}")
+    return adapter
+
+
+def _candidates(a: Adapter) -> set[str]:
+    """Names an adapter is asked about: those registered in the timm modules that define its
+    classes, and those matching its patterns."""
+    import timm
+    from timm.models import _registry
+
+    mods = {t.__module__.rsplit(".", 1)[-1] for t in a.model_types}
+    names = {n for n, mod in _registry._model_to_module.items() if mod in mods}
+    names |= {n for p in a.patterns for n in timm.list_models(p)}
+    return names & set(timm.list_models())
+
+
+def list_supported_models(progress: bool = False) -> dict[str, list[str]]:
+    """Family -> the timm model names it supports: those whose class (built on the meta device,
+    cached on disk) its adapter handles. The first call on a machine builds every candidate
+    once (about a minute); later calls read the cache."""
+    from .names import model_class_name, save_classes
+
+    cands = sorted(set().union(*(_candidates(a) for a in _ADAPTERS.values())))
+    it = cands
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(cands, desc="classes of timm names (meta device, once)", unit="name",
+                  leave=False)
+    out = {a.name: [] for a in _ADAPTERS.values()}
+    for n in it:
+        a = _adapter_of_class(model_class_name(n, save=False))
+        if a is not None:
+            out[a.name].append(n)
+    save_classes()
     return out
 
 
@@ -156,11 +217,7 @@ def create_model(model_name: str, *, pretrained: bool = False, img_size: int | N
     """
     import timm
 
-    adapter = get_adapter_for_name(model_name)
-    if model_name not in timm.list_models():
-        known = list_supported_models()[adapter.name]
-        raise ValueError(f"unknown model {model_name!r}; the {adapter.name} family has: "
-                         f"{', '.join(known)}")
+    adapter = get_adapter_for_name(model_name)  # unknown or unsupported: an error naming why
     if img_size is not None and adapter.img_size_kwarg:
         kwargs["img_size"] = int(img_size)
     try:

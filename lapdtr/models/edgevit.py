@@ -278,7 +278,10 @@ class EdgeVit(nn.Module):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
 
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(depths)]
+        # on the CPU whatever the default device: a plain list of rates, so the model also
+        # builds under ``torch.device("meta")`` as timm's do
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths),
+                                                  device="cpu").split(depths)]
         stages, prev, reduction = [], in_chans, 1
         self.feature_info = []
         for i in range(n):

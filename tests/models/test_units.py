@@ -169,7 +169,8 @@ def test_stage_module_names_and_train_mode_shared():
 def test_unknown_model_names_it_and_lists_families():
     with pytest.raises(ValueError, match=r"unsupported model 'convnext_tiny'.*vit.*resnet"):
         lapdtr.create_model("convnext_tiny")
-    with pytest.raises(ValueError, match=r"unknown model 'resnet_nonexistent'.*resnet18"):
+    with pytest.raises(ValueError, match=r"unknown model 'resnet_nonexistent': timm registers no such name "
+                                         r"\(close: resnet.*resnet \(ResNet\)"):
         lapdtr.create_model("resnet_nonexistent")
 
 
