@@ -26,7 +26,7 @@ def test_profile_writes_json(tmp_path, capsys):
 def test_bad_model_is_a_clean_error(capsys):
     assert main(["profile", "--model", "not_a_model"]) == 2
     err = capsys.readouterr().err
-    assert "unsupported model 'not_a_model'" in err and "Traceback" not in err
+    assert "unknown model 'not_a_model': timm registers no such name" in err and "Traceback" not in err
 
 
 def test_console_script_runs():

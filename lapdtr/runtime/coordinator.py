@@ -266,7 +266,8 @@ class Coordinator:
         from ..plan.widths import plan_width
 
         widths = "all" if plan_width(w.plan) != 1.0 else None
-        new_plan = redistribute(w.plan, self.profile_fn(widths=widths), devices,
+        prof = self.profile_fn(widths=widths) if widths else self.profile_fn()
+        new_plan = redistribute(w.plan, prof, devices,
                                 RedistributionEvent(kind=kind, devices=names + [
                                     n for n in gone if n not in names]))
         from ..elastic.policy import allowed_widths

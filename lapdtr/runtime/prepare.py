@@ -157,7 +157,7 @@ def resolve_plan(cfg: RunConfig, names: list[str], devices: list[DeviceProfile],
 
         policy = cfg.width_policy()
         by_plan = policy is not None and policy.kind == "plan"
-        prof = profile_fn(widths="all" if by_plan else None) if profile_fn is not None else \
+        prof = (profile_fn(widths="all") if by_plan else profile_fn()) if profile_fn else \
             profile_for(cfg.model, cfg.model_kwargs, img_size,
                         max(1, cfg.batch_size // cfg.micro_batches),
                         widths="all" if by_plan else None)

@@ -78,7 +78,7 @@ def test_bad_arguments():
         profile_model("resnet18", dtype="int3", use_cache=False)
     with pytest.raises(ValueError, match=r"batch_size must be >= 1"):
         profile_model("resnet18", batch_size=0, use_cache=False)
-    with pytest.raises(ValueError, match=r"unsupported model 'nope'"):
+    with pytest.raises(ValueError, match=r"unknown model 'nope': timm registers no such name"):
         profile_model("nope")
 
 
