@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["check_ratio", "count_for", "check_count", "ElasticError", "ElasticHeads",
+__all__ = ["batch_norm_first", "check_ratio", "count_for", "check_count", "ElasticError", "ElasticHeads",
            "ElasticHidden", "check_permutation"]
 
 
@@ -151,3 +151,22 @@ def check_permutation(order, n: int, what: str):
     if sorted(order.tolist()) != list(range(n)):
         raise ElasticError(f"{what}: {order.tolist()} is not a permutation of 0..{n - 1}")
     return order
+
+
+def batch_norm_first(bn, x, m: int):
+    """``bn`` on ``x`` holding its first ``m`` channels: torch's ``_BatchNorm.forward`` with
+    every per-channel tensor sliced to ``[:m]`` (views; in training mode the running statistics
+    of those channels are updated in place, and ``num_batches_tracked`` counts the step)."""
+    import torch.nn.functional as F
+
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    mean = bn.running_mean[:m] if track and bn.running_mean is not None else None
+    var = bn.running_var[:m] if track and bn.running_var is not None else None
+    w = None if bn.weight is None else bn.weight[:m]
+    b = None if bn.bias is None else bn.bias[:m]
+    return F.batch_norm(x, mean, var, w, b, use_batch, factor, bn.eps)

@@ -49,7 +49,7 @@ from timm.layers import ConvMlp, Mlp
 from torch import nn
 
 from ..models.edgevit import GlobalSparseAttn, GlobalSparseBlock, LocalAgg, _delegate_grid
-from .base import ElasticHeads, ElasticHidden, check_permutation
+from .base import batch_norm_first, ElasticHeads, ElasticHidden, check_permutation
 from .vit import ElasticMlp
 
 __all__ = ["ElasticGlobalSparseAttn", "ElasticPropagatedSparseAttn", "ElasticConvMlp",
@@ -160,21 +160,6 @@ class ElasticPropagatedSparseAttn(ElasticGlobalSparseAttn):
         return False
 
 
-def _batch_norm_sliced(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
-                       m: int) -> torch.Tensor:
-    """``bn`` on the first ``m`` channels, as ``torch.nn.BatchNorm2d.forward`` does (train mode
-    updates the sliced running statistics in place, which are views of the buffers)."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
-    stats = not bn.training or bn.track_running_stats
-    return F.batch_norm(x, _rows(bn.running_mean, 0, m) if stats else None,
-                        _rows(bn.running_var, 0, m) if stats else None,
-                        _rows(bn.weight, 0, m), _rows(bn.bias, 0, m), use_batch, factor, bn.eps)
-
-
 def _bn(mod) -> nn.modules.batchnorm._BatchNorm | None:
     return mod if isinstance(mod, nn.BatchNorm2d) else None
 
@@ -205,7 +190,7 @@ class ElasticConvMlp(ElasticHidden, ConvMlp):
             return super().forward(x)
         x = F.conv2d(x, self.fc1.weight[:m], _rows(self.fc1.bias, 0, m))
         if _bn(self.norm) is not None:
-            x = _batch_norm_sliced(self.norm, x, m)
+            x = batch_norm_first(self.norm, x, m)
         x = self.drop(self.act(x))
         # fc2 on its first m input columns: a (out, m) strided view of the 1x1 kernel, as a
         # matmul over channels (F.conv2d would copy the non-contiguous weight)

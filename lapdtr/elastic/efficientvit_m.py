@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from timm.models.efficientvit_msra import CascadedGroupAttention, ConvMlp
 from torch import nn
 
-from .base import ElasticError, ElasticHeads, ElasticHidden, check_permutation
+from .base import batch_norm_first, ElasticError, ElasticHeads, ElasticHidden, check_permutation
 
 __all__ = ["ElasticCascadedGroupAttention", "ElasticConvMlp", "convert"]
 
@@ -59,23 +59,6 @@ def _conv1x1_first_inputs(conv: nn.Conv2d, x: torch.Tensor, d: int) -> torch.Ten
     B, _, H, W = x.shape
     w = conv.weight[:, :d, 0, 0]  # (out, d), row stride = in_channels: read in place by BLAS
     return torch.matmul(w, x.flatten(2)).view(B, conv.out_channels, H, W)  # bmm, w expanded
-
-
-def _batch_norm_first(bn: nn.BatchNorm2d, x: torch.Tensor, m: int) -> torch.Tensor:
-    """``bn`` on ``x`` holding its first ``m`` channels: timm's (torch's) ``_BatchNorm.forward``
-    with every per-channel tensor sliced to ``[:m]`` (views; in training mode the running
-    statistics of those channels are updated in place)."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
-    track = not bn.training or bn.track_running_stats
-    mean = bn.running_mean[:m] if track and bn.running_mean is not None else None
-    var = bn.running_var[:m] if track and bn.running_var is not None else None
-    w = None if bn.weight is None else bn.weight[:m]
-    b = None if bn.bias is None else bn.bias[:m]
-    return F.batch_norm(x, mean, var, w, b, use_batch, factor, bn.eps)
 
 
 def _bn_scale(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +154,7 @@ class ElasticConvMlp(ElasticHidden, ConvMlp):
             return super().forward(x)
         c1 = self.pw1.conv
         x = F.conv2d(x, c1.weight[:m], None, c1.stride, c1.padding, c1.dilation, c1.groups)
-        x = self.act(_batch_norm_first(self.pw1.bn, x, m))
+        x = self.act(batch_norm_first(self.pw1.bn, x, m))
         return self.pw2.bn(_conv1x1_first_inputs(self.pw2.conv, x, m))
 
     @torch.no_grad()
