@@ -1,9 +1,9 @@
 """Issue 4's equivalence criterion for every model family: pipeline output on 2, 3 and 4 gloo
 ranks equals the single-process model (``assert_close(atol=1e-5, rtol=0)``, fp32).
 
-The cases are the adapter registry x world sizes, so a newly registered family is tested
-without touching this file (with its first example at its default size, unless ``RECIPES``
-names a smaller one). To stay cheap, each world size forks its ranks once and every rank calls
+The cases are every class an adapter handles x world sizes, so a newly registered family (or a
+class added to one) is tested without touching this file (with its first example of that class
+at its default size, unless ``RECIPES`` names a smaller model). To stay cheap, each world size forks its ranks once and every rank calls
 ``run_rank`` for one family after another, each run under its own store prefix; the first case
 of a world size pays for the whole batch, the others read its results.
 
@@ -38,25 +38,45 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
 ATOL = 1e-5
 WORLD_SIZES = (2, 3, 4)
-FAMILIES = [a.name for a in lapdtr.list_adapters()]
+# one case per class an adapter handles: "family/Class"
+CASES = [f"{a.name}/{t.__name__}" for a in lapdtr.list_adapters() for t in a.model_types]
 HOST = "127.0.0.1"
 REQUESTS, BATCH, MICRO_BATCHES = 2, 2, 2
 
-# family -> (model, create_model kwargs, img_size, the format a boundary must carry): small
-# variants so that 27 distributed runs fit in CI. A family missing here runs its first example
-# at its default size, with cuts in the formats it has (see ``choose_cuts``).
+# class -> (model, create_model kwargs, img_size, the format a boundary must carry): small
+# variants so that every distributed run fits in CI. A class missing here runs the first of its
+# family's examples that builds it (else its first supported name) at its default size, with
+# cuts in the formats it has (see ``choose_cuts``).
 RECIPES = {
-    "vit": ("deit_tiny_patch16_224", {"depth": 3, "img_size": 64, "num_classes": 10}, 64,
+    "VisionTransformer": ("deit_tiny_patch16_224",
+                          {"depth": 3, "img_size": 64, "num_classes": 10}, 64, "tokens"),
+    "VisionTransformerDistilled": ("deit_tiny_distilled_patch16_224",
+                                   {"depth": 2, "img_size": 64, "num_classes": 10}, 64, "tokens"),
+    "TinyVit": ("tiny_vit_5m_224", {"img_size": 64, "num_classes": 10}, 64, "map_nhwc"),
+    "EfficientVitMsra": ("efficientvit_m0", {"img_size": 64, "num_classes": 10}, 64, "map"),
+    "EfficientVit": ("efficientvit_b0", {"num_classes": 10}, 64, "map"),
+    "ResNet": ("resnet18", {"num_classes": 10}, 64, "map"),
+    "EfficientNet": ("mobilenetv2_100", {"num_classes": 10}, 64, "map"),
+    "MobileNetV3": ("mobilenetv3_small_100", {"num_classes": 10}, 64, "map"),
+    "VGG": ("vgg11", {"mlp_ratio": 0.01, "num_classes": 10}, 64, "map"),
+    "EdgeVit": ("edgevit_xxs", {"img_size": 64, "num_classes": 10}, 64, "map"),
+    "SqueezeNet": ("squeezenet1_1", {"num_classes": 10}, 64, "map"),
+    # DINOv3-style: RoPE, a class token and 4 register tokens
+    "Eva": ("vit_small_patch16_dinov3", {"depth": 3, "img_size": 64, "num_classes": 10}, 64,
             "tokens"),
-    "tiny_vit": ("tiny_vit_5m_224", {"img_size": 64, "num_classes": 10}, 64, "map_nhwc"),
-    "efficientvit_m": ("efficientvit_m0", {"img_size": 64, "num_classes": 10}, 64, "map"),
-    "efficientvit_b": ("efficientvit_b0", {"num_classes": 10}, 64, "map"),
-    "resnet": ("resnet18", {"num_classes": 10}, 64, "map"),
-    "mobilenet": ("mobilenetv2_100", {"num_classes": 10}, 64, "map"),
-    "vgg": ("vgg11", {"mlp_ratio": 0.01, "num_classes": 10}, 64, "map"),
-    "edgevit": ("edgevit_xxs", {"img_size": 64, "num_classes": 10}, 64, "map"),
-    "squeezenet": ("squeezenet1_1", {"num_classes": 10}, 64, "map"),
+    "VisionTransformerRelPos": ("vit_relpos_small_patch16_224",
+                                {"depth": 3, "img_size": 64, "num_classes": 10}, 64, "tokens"),
+    "ResNetV2": ("resnetv2_18", {"num_classes": 10}, 64, "map"),
+    "ByobNet": ("gernet_s", {"num_classes": 10}, 64, "map"),
 }
+
+
+def _default_model(family: str, cls: str) -> str:
+    from lapdtr.models.names import model_class_name
+
+    adapter = next(a for a in lapdtr.list_adapters() if a.name == family)
+    names = [*adapter.examples, *lapdtr.list_supported_models()[family]]
+    return next(n for n in names if model_class_name(n).rsplit(".", 1)[-1] == cls)
 # boundary formats in the order cuts are spent on them: the family-specific layouts first, the
 # generic NCHW map last (every family has one after its stem); unknown formats come first of all
 FORMAT_PRIORITY = ("map_nhwc", "tokens", "map")
@@ -104,14 +124,15 @@ def test_choose_cuts_covers_the_characteristic_format():
 # ---------------------------------------------------------------------------------- per family
 
 class _Case:
-    """A family's model, informative checkpoint, references and the cuts per world size."""
+    """A class's model, informative checkpoint, references and the cuts per world size."""
 
-    def __init__(self, family: str, root: Path):
-        adapter = next(a for a in lapdtr.list_adapters() if a.name == family)
-        self.model, self.kwargs, img, self.fmt = RECIPES.get(
-            family, (adapter.examples[0], {}, None, None))
+    def __init__(self, case_id: str, root: Path):
+        family, cls = case_id.split("/")
+        self.model, self.kwargs, img, self.fmt = RECIPES.get(cls) or (
+            _default_model(family, cls), {}, None, None)
         torch.manual_seed(0)
         model = lapdtr.create_model(self.model, **self.kwargs)
+        assert type(model).__name__ == cls, (case_id, self.model, type(model).__name__)
         self.img = img or default_img_size(model)
         self.root = root
         self.units = units(model, self.img)
@@ -122,7 +143,7 @@ class _Case:
         if self.fmt is None:
             self.fmt = sorted(set(self.formats), key=lambda f: FORMAT_PRIORITY.index(f)
                               if f in FORMAT_PRIORITY else -1)[0]
-        self.checkpoint = root / f"{family}.safetensors"
+        self.checkpoint = root / f"{cls}.safetensors"
         from safetensors.torch import save_file
 
         save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
@@ -193,12 +214,12 @@ class _Runs:
         self.results: dict[int, dict] = {}
         self.wall_s: dict[int, float] = {}
 
-    def case(self, family: str) -> _Case:
-        if family not in self.cases:
-            d = self.root / family
+    def case(self, case_id: str) -> _Case:
+        if case_id not in self.cases:
+            d = self.root / case_id.replace("/", "-")
             d.mkdir(parents=True, exist_ok=True)
-            self.cases[family] = _Case(family, d)
-        return self.cases[family]
+            self.cases[case_id] = _Case(case_id, d)
+        return self.cases[case_id]
 
     def result(self, family: str, world: int):
         if world not in self.results:
@@ -246,7 +267,7 @@ class _Runs:
 @pytest.fixture(scope="module")
 def runs(request, tmp_path_factory):
     def families_for_world(world):
-        return [it.callspec.params["family"] for it in request.session.items
+        return [it.callspec.params["case_id"] for it in request.session.items
                 if getattr(it, "originalname", None) == "test_pipeline_equals_single_process"
                 and it.module is request.module and it.callspec.params["world"] == world]
 
@@ -257,11 +278,11 @@ def runs(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_pipeline_equals_single_process(runs, family, world):
+@pytest.mark.parametrize("case_id", CASES)
+def test_pipeline_equals_single_process(runs, case_id, world):
     from safetensors.torch import load_file
 
-    case = runs.case(family)
+    case = runs.case(case_id)
     cfg = case.config(world)
     crossing = [case.formats[c - 1] for c in cfg.cuts]
     assert len(cfg.cuts) == world - 1 and case.fmt in crossing, (cfg.cuts, crossing)
@@ -270,8 +291,8 @@ def test_pipeline_equals_single_process(runs, family, world):
     assert torch.isfinite(refs).all() and refs.abs().max() < 10.0
     assert (refs[1:] - refs[:1]).abs().max() > 100 * ATOL
 
-    errors, out = runs.result(family, world)
-    assert not errors, f"{family} ({case.model}) on {world} ranks failed: {errors}"
+    errors, out = runs.result(case_id, world)
+    assert not errors, f"{case_id} ({case.model}) on {world} ranks failed: {errors}"
     report = RunReport.load(out / "report.json")
     assert report.completed == REQUESTS and report.duplicates == 0 and not report.replans
     assert [k.items for k in report.ranks] == [REQUESTS * MICRO_BATCHES] * world
