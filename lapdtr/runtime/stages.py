@@ -37,9 +37,20 @@ def params_on_meta():
 
 
 def build_host(model_name: str, model_kwargs: dict | None = None, img_size: int | None = None):
-    """A host model with meta parameters, and its unit list (shapes measured on a meta twin)."""
-    with params_on_meta():
+    """A host model with meta parameters, and its unit list (shapes measured on a meta twin).
+
+    A class whose ``__init__`` computes buffers from its own parameters (timm's
+    ``RotaryEmbeddingMixed`` fills its position grid from ``freqs``) cannot be built with meta
+    parameters: it is built on the CPU once and its parameters are then freed."""
+    try:
+        with params_on_meta():
+            host = create_model(model_name, **(model_kwargs or {}))
+    except NotImplementedError as e:
+        if "meta" not in str(e):
+            raise
         host = create_model(model_name, **(model_kwargs or {}))
+        for name, _ in list(host.named_parameters()):
+            _set_tensor(host, name, None)
     host.requires_grad_(False)
     twin = copy.deepcopy(host).to("meta")
     return host, units(twin, img_size)
@@ -186,6 +197,11 @@ class RankModel:
     ``load_units(names)`` loads the named units' tensors from the checkpoint (taking over units
     after a re-plan); ``release_units(names)`` frees them again. ``run(x, start, end)`` applies
     units ``[start, end)`` (all must be loaded).
+
+    A tensor may be owned by several units (a module shared by blocks, such as the relative
+    position bias of ``vit_srelpos_*``, is listed in each of them). Ownership is counted by the
+    loaded units' keys: loading a unit reads only the keys no loaded unit holds yet, and releasing
+    a unit frees only the keys no still-loaded unit owns.
     """
 
     def __init__(self, model_name: str, checkpoint: str | Path, *, model_kwargs: dict | None = None,
@@ -240,8 +256,9 @@ class RankModel:
         return len(self.units)
 
     def _keys(self, names: Iterable[str]) -> list[str]:
+        """The tensor keys the named units own, each once (in first-owner order)."""
         mods = [m for n in names for m in self.units[self.unit_index[n]].modules]
-        return unit_owned_names(self.host, mods)
+        return list(dict.fromkeys(unit_owned_names(self.host, mods)))
 
     def load_units(self, names: Iterable[str]) -> int:
         """Load the tensors of the named units from the checkpoint; returns bytes loaded."""
@@ -252,7 +269,8 @@ class RankModel:
                              f"{', '.join(self.unit_index)}")
         if not names:
             return 0
-        keys = self._keys(names)
+        held = set(self._keys(self.loaded))  # shared with an already loaded unit: on the device
+        keys = [k for k in self._keys(names) if k not in held]
         check_checkpoint(self.checkpoint, self.host, self.model_name, keys)
         tensors = _load_tensors(self.checkpoint, keys)
         nbytes = 0
@@ -264,9 +282,15 @@ class RankModel:
         return nbytes
 
     def release_units(self, names: Iterable[str]) -> None:
+        """Free the parameters of the named loaded units, except those a unit that stays loaded
+        also owns (buffers stay: they are built for real on every rank)."""
         names = [n for n in names if n in self.loaded]
+        if not names:
+            return
+        kept = set(self._keys(self.loaded.difference(names)))
+        params = {k for k, _ in self.host.named_parameters(remove_duplicate=False)}
         for k in self._keys(names):
-            if k in dict(self.host.named_parameters()):
+            if k in params and k not in kept:
                 _set_tensor(self.host, k, None)
         self.loaded.difference_update(names)
 

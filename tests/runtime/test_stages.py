@@ -146,3 +146,74 @@ def test_legacy_torch_checkpoint_loads(tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(pm.run(x, 0, pm.num_units), m(x))
+
+
+def test_units_that_share_a_module_release_it_only_with_the_last_of_them(tmp_path):
+    """vit_srelpos lists its one relative-position-bias module in every block unit: releasing
+    one of two loaded blocks keeps the shared tensors (the other block still runs, exactly);
+    releasing the last frees them; loading reads a shared tensor only when no loaded unit
+    holds it."""
+    name, kw, img = "vit_srelpos_small_patch16_224", {"depth": 3, "img_size": 64}, 64
+    ckpt = write_informative_checkpoint(tmp_path / "w.safetensors", name, model_kwargs=kw,
+                                        seed=3, img_size=img)
+    full = lapdtr.create_model(name, **kw)
+    full.load_state_dict(load_file(str(ckpt)))
+    ul = lapdtr.models.units(full, img)
+    shared = lapdtr.models.unit_owned_names(full, ["shared_rel_pos"])
+    assert shared and all("shared_rel_pos" in ul[i].modules for i in (1, 2, 3))
+    x = torch.randn(2, 3, img, img)
+    with torch.no_grad():
+        tokens = [x]
+        for u in ul:
+            tokens.append(u.fn(full, tokens[-1]))
+        assert torch.equal(tokens[-1], full(x))
+
+    pm = RankModel(name, ckpt, model_kwargs=kw, img_size=img)
+    params = lambda: dict(pm.host.named_parameters())  # noqa: E731
+    own = {u: lapdtr.models.unit_owned_names(full, [u]) for u in ("blocks.0", "blocks.1")}
+    nbytes = lambda keys: sum(full.state_dict()[k].numel() * 4 for k in keys)  # noqa: E731
+    assert pm.load_units(["blocks.0", "blocks.1"]) == nbytes(own["blocks.0"] + own["blocks.1"]
+                                                             + shared)
+    pm.release_units(["blocks.0"])
+    assert pm.loaded == {"blocks.1"}
+    assert all(params()[k].device.type == "meta" for k in own["blocks.0"])
+    assert all(params()[k].device.type == "cpu" for k in shared + own["blocks.1"])
+    assert torch.equal(pm.run(tokens[2], 2, 3), tokens[3])  # blocks.1, with the shared bias
+    # a block loaded while another holds the shared module reads only its own tensors
+    assert pm.load_units(["blocks.0"]) == nbytes(own["blocks.0"])
+    assert torch.equal(pm.run(tokens[1], 1, 3), tokens[3])
+    # stages of the rank model each own the shared tensors under their timm keys
+    s0, s1 = pm.partition([2])
+    assert set(shared) <= set(s0.state_dict()) & set(s1.state_dict())
+    pm.release_units(["blocks.0", "blocks.1"])
+    assert not pm.loaded and pm.param_bytes() == 0
+    assert all(params()[k].device.type == "meta" for k in shared)
+    with pytest.raises(AssertionError, match="blocks.1 is not loaded"):
+        pm.run(tokens[2], 2, 3)
+    # every unit loaded once more: the whole chain equals the model
+    pm.load_units([u.name for u in pm.units])
+    assert torch.equal(pm.run(x, 0, pm.num_units), tokens[-1])
+
+
+def test_rope_mixed_builds_on_meta_and_each_part_holds_the_shared_frequencies(tmp_path):
+    """RoPE-Mixed Eva: one ``rope.freqs`` Parameter that every unit owns, and an ``__init__``
+    that fills buffers from it (so ``build_host`` builds it on the CPU, then frees it). Two rank
+    models of the two halves each hold the frequencies once and chain to the model exactly."""
+    name, kw, img = "vit_small_patch16_rope_mixed_224", {"depth": 3, "img_size": 64}, 64
+    ckpt = write_informative_checkpoint(tmp_path / "w.safetensors", name, model_kwargs=kw,
+                                        seed=3, img_size=img)
+    full = lapdtr.create_model(name, **kw)
+    full.load_state_dict(load_file(str(ckpt)))
+    freqs = full.rope.freqs.numel() * full.rope.freqs.element_size()
+    full_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
+    parts = [RankModel(name, ckpt, model_kwargs=kw, img_size=img) for _ in range(2)]
+    assert all(pm.param_bytes() == 0 for pm in parts)
+    n = parts[0].num_units
+    loaded = [pm.load_units([u.name for u in pm.units[a:b]])
+              for pm, (a, b) in zip(parts, [(0, 2), (2, n)])]
+    assert sum(loaded) == full_bytes + freqs  # the shared tensor on both ranks, read once each
+    x = torch.randn(2, 3, img, img)
+    with torch.no_grad():
+        assert torch.equal(parts[1].run(parts[0].run(x, 0, 2), 2, n), full(x))
+    parts[0].release_units(["embed"])  # blocks.0 still needs the frequencies
+    assert parts[0].host.rope.freqs.device.type == "cpu"
