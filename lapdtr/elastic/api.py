@@ -18,7 +18,7 @@ __all__ = ["FAMILIES", "apply_elastic", "make_elastic", "set_width", "widths",
 
 #: adapter family -> the ``lapdtr.elastic`` module whose ``convert(model)`` swaps its layers
 FAMILIES = {"vit": "vit", "tiny_vit": "tiny_vit", "efficientvit_m": "efficientvit_m",
-            "efficientvit_b": "efficientvit_b", "edgevit": "edgevit"}
+            "efficientvit_b": "efficientvit_b", "edgevit": "edgevit", "eva": "eva"}
 
 
 def _family(model: nn.Module) -> str:

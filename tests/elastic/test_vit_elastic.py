@@ -100,7 +100,7 @@ def test_bad_counts_and_models_are_named():
     attn = next(m for m in model.modules() if isinstance(m, ElasticAttention))
     assert_count_refused(attn.set_heads, 4, "heads", 3)  # k > h
     with pytest.raises(ElasticError, match=r"'resnet' has no elastic layers; allowed: \['edgevit', 'efficientvit_b', "
-                       r"'efficientvit_m', 'tiny_vit', 'vit'\]"):
+                       r"'efficientvit_m', 'eva', 'tiny_vit', 'vit'\]"):
         make_elastic(lapdtr.create_model("resnet18"))
     with pytest.raises(ElasticError, match="make_elastic"):
         set_width(lapdtr.create_model("deit_tiny_patch16_224", depth=1), 0.5)

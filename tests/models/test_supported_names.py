@@ -37,13 +37,24 @@ def _exact(name):
     model = lapdtr.create_model(name, img_size=size)
     try:
         ul = units(model, size)
-    except ValueError:  # a family that needs another side (window sizes): its default
+    except ValueError:  # a model that needs another side (window, halo sizes): at its default
+        torch.manual_seed(0)
+        model = lapdtr.create_model(name)
         size = lapdtr.models.default_img_size(model)
         ul = units(model, size)
     x = torch.randn(2, 3, size, size)
     informative_weights_(model, seed=1, probe=x)
     with torch.no_grad():
         ref = model(x)
+    if not torch.isfinite(ref).all():
+        # the redrawn weights overflow the model itself (bat_resnext26ts: timm's
+        # BilinearAttnTransform divides an underflowed sigmoid by its sum): timm's own init
+        torch.manual_seed(0)
+        model = lapdtr.create_model(name, img_size=size)
+        with torch.no_grad():
+            ref = model(x)
+    assert torch.isfinite(ref).all(), name
+    with torch.no_grad():
         y = x
         for s in lapdtr.partition(model, list(range(1, len(ul))), unit_list=ul):
             y = s(y)

@@ -14,7 +14,8 @@ from lapdtr.testing import assert_sees_every_unit, informative_weights_
 CASES = [(a.name, m) for a in list_adapters() for m in a.examples]
 # sizes other than 224 that each family takes (CNNs any size; ViTs created at that size)
 OTHER_SIZE = {"vit": 160, "tiny_vit": 256, "efficientvit_m": 192, "efficientvit_b": 160,
-              "resnet": 160, "mobilenet": 192, "vgg": 96, "edgevit": 256, "squeezenet": 160}
+              "resnet": 160, "mobilenet": 192, "vgg": 96, "edgevit": 256, "squeezenet": 160,
+              "eva": 96, "vit_relpos": 96, "resnetv2": 96, "byobnet": 96}
 _MODELS = {}
 
 

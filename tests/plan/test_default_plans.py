@@ -23,7 +23,8 @@ from lapdtr.profile import DeviceProfile, LinkProfile, default_rank_devices, pro
 from plan_instances import feasible, make_devices, make_model
 
 FAMILIES = ["deit_tiny_patch16_224", "tiny_vit_5m_224", "efficientvit_m0", "edgevit_xxs",
-            "resnet50", "mobilenetv3_large_100", "vgg11", "squeezenet1_0"]
+            "resnet50", "mobilenetv3_large_100", "vgg11", "squeezenet1_0",
+            "vit_small_patch16_dinov3", "vit_relpos_small_patch16_224", "resnetv2_18", "gernet_s"]
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,7 @@ def test_linear_policy_follows_each_ranks_battery(tmp_path, ckpt):
 def test_elastic_config_errors_name_what_is_allowed():
     with pytest.raises(ValueError, match=r"family 'resnet', which has no elastic layers; "
                                          r"allowed: \['edgevit', 'efficientvit_b', "
-                                         r"'efficientvit_m', 'tiny_vit', 'vit'\]"):
+                                         r"'efficientvit_m', 'eva', 'tiny_vit', 'vit'\]"):
         RunConfig(model="resnet18", elastic={"kind": "linear"}).validate()
     with pytest.raises(ValueError, match=r"elastic: unknown key\(s\) \['slope'\]"):
         RunConfig(elastic={"slope": 2}).validate()

@@ -11,7 +11,8 @@ from lapdtr.runtime.stages import build_host
 # one model per family; resnet50, mobilenetv3_large_100 (no link between the default devices),
 # deit_tiny and tiny_vit_11m (every unit on rank 0) are the ones this once failed for
 FAMILIES = ["deit_tiny_patch16_224", "tiny_vit_11m_224", "efficientvit_m0", "efficientvit_b0",
-            "edgevit_xxs", "resnet50", "mobilenetv3_large_100", "vgg11", "squeezenet1_1"]
+            "edgevit_xxs", "resnet50", "mobilenetv3_large_100", "vgg11", "squeezenet1_1",
+            "vit_small_patch16_dinov3", "vit_relpos_small_patch16_224", "resnetv2_18", "gernet_s"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
