@@ -1,0 +1,34 @@
+"""Attention-based feature summarization at stage boundaries (X_sum = f(A)·X).
+
+* :mod:`.importance`: token importance recomputed from q and k (class-token row, or attention
+  received), and which module of a unit gives it (:func:`attention_source`);
+* :mod:`.summarizer`: EViT top-k with one fused token, and the restore rules (shorter sequence
+  with optional proportional attention, or the dense grid);
+* :mod:`.wire`: wire formats fp32 / fp16 / bf16 / int8 (per-token scales) and exact bytes;
+* :mod:`.codec`: :class:`BoundaryCodec`, ``encode(x, importance) -> packet`` /
+  ``decode(packet) -> tensor`` for one boundary;
+* :mod:`.dispatch`: Triton kernel or PyTorch reference (``LAPDTR_KERNELS``).
+
+Nothing here imports Triton until a kernel runs.
+"""
+from .codec import RESTORES, BoundaryCodec, codec_for_unit
+from .importance import (IMPORTANCE_KINDS, SOURCE_FAMILIES, AttentionProbe, attention_importance,
+                         attention_source, cls_importance, cls_importance_ref, importance,
+                         importance_kind, qk, qk_from_qkv, received_attention,
+                         received_attention_ref)
+from .summarizer import (LAYOUTS, Summary, check_keep, gather_fuse, gather_fuse_ref, keep_count,
+                         map_to_tokens, restore_dense, restore_tokens, size_bias, summarize,
+                         tokens_to_map)
+from .wire import (WIRE_FORMATS, check_wire, decode_tensor, dequantize_int8, encode_tensor,
+                   nbytes, packet_nbytes, parts_nbytes, quantize_int8, quantize_int8_ref)
+
+__all__ = [
+    "BoundaryCodec", "RESTORES", "codec_for_unit",
+    "IMPORTANCE_KINDS", "SOURCE_FAMILIES", "AttentionProbe", "attention_importance",
+    "attention_source", "cls_importance", "cls_importance_ref", "importance", "importance_kind",
+    "qk", "qk_from_qkv", "received_attention", "received_attention_ref",
+    "LAYOUTS", "Summary", "check_keep", "gather_fuse", "gather_fuse_ref", "keep_count",
+    "map_to_tokens", "restore_dense", "restore_tokens", "size_bias", "summarize", "tokens_to_map",
+    "WIRE_FORMATS", "check_wire", "decode_tensor", "dequantize_int8", "encode_tensor", "nbytes",
+    "packet_nbytes", "parts_nbytes", "quantize_int8", "quantize_int8_ref",
+]

@@ -1,0 +1,198 @@
+"""Token importance from attention, recomputed from q and k (timm's ViTs attend through fused
+SDPA, so no attention probabilities exist to read).
+
+* ``"cls"`` (models with a class token): row 0 of softmax(q k^T · scale), the attention the
+  class token pays each token, averaged over heads; O(N·C).
+* ``"received"`` (models without one): the attention each token receives, averaged over queries
+  and heads; streamed over blocks of queries, so at most ``block × N`` scores exist at once.
+
+Both return (B, N) float32 (float64 for float64 inputs), one value per token of the attention's
+input, prefix tokens included; each row sums to 1. The ops dispatch to Triton kernels
+(:mod:`lapdtr.summarize.dispatch`); ``*_ref`` are the PyTorch references.
+
+Sources: :func:`attention_source` names the module of a unit whose attention ranks that unit's
+output tokens (supported: the ``blocks.i`` units of the ``vit`` adapter, i.e. timm
+``Attention``); :class:`AttentionProbe` captures its q and k while the unit runs (a hook on
+``attn.qkv``), :func:`attention_importance` computes them from the attention's input.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import dispatch
+
+__all__ = ["IMPORTANCE_KINDS", "SOURCE_FAMILIES", "cls_importance", "cls_importance_ref",
+           "received_attention", "received_attention_ref", "attention_source", "importance_kind",
+           "qk_from_qkv", "qk", "attention_importance", "importance", "AttentionProbe"]
+
+IMPORTANCE_KINDS = ("cls", "received")
+SOURCE_FAMILIES = ("vit",)  # adapters whose units offer an attention source
+_COMPUTE = {torch.float64: torch.float64}
+
+
+def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be (B, heads, N, head_dim); got {list(q.shape)} and "
+                         f"{list(k.shape)}")
+
+
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    return float(q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def cls_importance_ref(q: torch.Tensor, k: torch.Tensor, scale: float, row: int = 0) -> torch.Tensor:
+    """PyTorch reference of :func:`cls_importance`."""
+    ct = _COMPUTE.get(q.dtype, torch.float32)
+    s = (q[:, :, row:row + 1].to(ct) * scale) @ k.to(ct).transpose(-2, -1)  # (B, H, 1, N)
+    return s.softmax(-1).mean(1).squeeze(1)
+
+
+def received_attention_ref(q: torch.Tensor, k: torch.Tensor, scale: float,
+                           block: int = 64) -> torch.Tensor:
+    """PyTorch reference of :func:`received_attention`: ``block`` queries at a time."""
+    B, H, N, _ = q.shape
+    ct = _COMPUTE.get(q.dtype, torch.float32)
+    kt = k.to(ct).transpose(-2, -1)
+    acc = torch.zeros(B, H, N, dtype=ct, device=q.device)
+    for s in range(0, N, block):
+        acc = acc + ((q[:, :, s:s + block].to(ct) * scale) @ kt).softmax(-1).sum(2)
+    return acc.sum(1) / (H * N)
+
+
+def cls_importance(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
+                   row: int = 0) -> torch.Tensor:
+    """The attention token ``row`` (the class token) pays every token, mean over heads: (B, N).
+
+    ``q``, ``k``: (B, heads, N, head_dim) as the attention uses them (after q/k norms);
+    ``scale`` defaults to head_dim ** -0.5."""
+    _check_qk(q, k)
+    if not 0 <= row < q.shape[2]:
+        raise ValueError(f"row {row} is not a token index (0..{q.shape[2] - 1})")
+    return dispatch.run("cls_importance", cls_importance_ref, q, k, scale=_scale(q, scale),
+                        row=int(row))
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """The attention every token receives, mean over queries and heads: (B, N), without the
+    N×N matrix."""
+    _check_qk(q, k)
+    return dispatch.run("received_attention", received_attention_ref, q, k, scale=_scale(q, scale))
+
+
+def _unit_name(unit) -> str:
+    name = getattr(unit, "name", unit)
+    if isinstance(name, int) and not isinstance(name, bool):
+        return f"#{name}"
+    return str(name)
+
+
+def attention_source(model: nn.Module, unit) -> nn.Module:
+    """The attention module whose scores rank the output tokens of ``unit`` (a :class:`Unit`, a
+    unit name or index): for a ``vit`` block unit ``blocks.i``, ``model.blocks[i].attn``."""
+    from lapdtr.models import get_adapter, units as list_units
+
+    family = get_adapter(model).name
+    if family not in SOURCE_FAMILIES:
+        raise ValueError(f"the {family} adapter offers no attention source for token importance; "
+                         f"families that do: {', '.join(SOURCE_FAMILIES)}")
+    if isinstance(unit, int) and not isinstance(unit, bool):
+        names = [u.name for u in list_units(model)]
+        if not 0 <= unit < len(names):
+            raise ValueError(f"unit index {unit} is out of range 0..{len(names) - 1}")
+        unit = names[unit]
+    name = _unit_name(unit)
+    parts = name.split(".")
+    if len(parts) == 2 and parts[0] == "blocks" and parts[1].isdigit() \
+            and int(parts[1]) < len(model.blocks):
+        return model.blocks[int(parts[1])].attn
+    raise ValueError(f"unit {name!r} of the {family} model has no attention; units with one: "
+                     f"blocks.0 .. blocks.{len(model.blocks) - 1}")
+
+
+def importance_kind(model: nn.Module) -> str:
+    """``"cls"`` for a model with a class token, else ``"received"``."""
+    return "cls" if getattr(model, "cls_token", None) is not None else "received"
+
+
+def _check_attn(attn: nn.Module) -> None:
+    missing = [a for a in ("qkv", "num_heads", "head_dim") if not hasattr(attn, a)]
+    if missing or not isinstance(attn.qkv, nn.Linear):
+        raise ValueError(f"{type(attn).__name__} is not a timm-style attention (a qkv Linear, "
+                         f"num_heads, head_dim); missing: {', '.join(missing) or 'qkv Linear'}")
+
+
+def qk_from_qkv(attn: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, k)`` (B, heads, N, head_dim) from the output of ``attn.qkv``, as ``attn`` uses them
+    (``q_norm`` / ``k_norm`` applied)."""
+    _check_attn(attn)
+    B, N, _ = qkv.shape
+    t = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = t[0], t[1]
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if q_norm is not None:
+        q = q_norm(q)
+    if k_norm is not None:
+        k = k_norm(k)
+    return q, k
+
+
+def qk(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, k)`` of ``attn`` for its input ``x`` (B, N, C) (a ViT block's ``norm1(x)``)."""
+    _check_attn(attn)
+    return qk_from_qkv(attn, attn.qkv(x))
+
+
+def importance(q: torch.Tensor, k: torch.Tensor, kind: str, scale: float | None = None) -> torch.Tensor:
+    """:func:`cls_importance` or :func:`received_attention`, by ``kind``."""
+    if kind == "cls":
+        return cls_importance(q, k, scale)
+    if kind == "received":
+        return received_attention(q, k, scale)
+    raise ValueError(f"importance kind {kind!r} is not supported; supported: "
+                     f"{', '.join(IMPORTANCE_KINDS)}")
+
+
+def attention_importance(attn: nn.Module, x: torch.Tensor, kind: str = "cls") -> torch.Tensor:
+    """Token importance of ``attn`` for its input ``x``: (B, N)."""
+    q, k = qk(attn, x)
+    return importance(q, k, kind, getattr(attn, "scale", None))
+
+
+class AttentionProbe:
+    """Captures ``q`` and ``k`` of a timm attention whenever it runs (a forward hook on its
+    ``qkv``); :meth:`importance` ranks the tokens of the last call. Use as a context manager or
+    call :meth:`remove`."""
+
+    def __init__(self, attn: nn.Module, kind: str = "cls"):
+        _check_attn(attn)
+        if kind not in IMPORTANCE_KINDS:
+            raise ValueError(f"importance kind {kind!r} is not supported; supported: "
+                             f"{', '.join(IMPORTANCE_KINDS)}")
+        self.attn, self.kind = attn, kind
+        self._qkv: torch.Tensor | None = None
+        self._handle = attn.qkv.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, out):
+        self._qkv = out
+
+    def importance(self) -> torch.Tensor:
+        """(B, N) importance of the tokens the attention last saw."""
+        if self._qkv is None:
+            raise RuntimeError(f"the probed {type(self.attn).__name__} has not run since the probe "
+                               "was attached (or since clear())")
+        q, k = qk_from_qkv(self.attn, self._qkv)
+        return importance(q, k, self.kind, getattr(self.attn, "scale", None))
+
+    def clear(self) -> None:
+        self._qkv = None
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self._qkv = None
+
+    def __enter__(self) -> "AttentionProbe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
