@@ -220,8 +220,30 @@ MUTANTS = [
            "self.fc1 = _linear_like(_slice_param(mlp.fc1.weight, sl), _slice_param(mlp.fc1.bias, "
            "slice(0, self.stop - self.start)))",
            ("tests/runtime/test_tensor.py", "-k", "sharded_mlp_math or tensor_mode_across_ranks")),
+    # ---- issue 17: the new families' per-block state, and units that share a module
+    Mutant("eva-rope-dropped", "units in sequence equal model(x): eva adapter (rotary table)",
+           "lapdtr/models/eva.py", "        return m.blocks[i](x, rope=_rope_table(m, x, i))",
+           "        return m.blocks[i](x, rope=None)", ("tests/models/test_eva_adapter.py",)),
+    Mutant("relpos-shared-bias-dropped",
+           "units in sequence equal model(x): vit_relpos adapter (shared bias)",
+           "lapdtr/models/vit_relpos.py", "        return m.blocks[i](x, shared_rel_pos=shared)",
+           "        return m.blocks[i](x, shared_rel_pos=None)",
+           ("tests/models/test_more_adapters.py", "-k", "srelpos")),
+    Mutant("resnetv2-final-norm-dropped", "units in sequence equal model(x): resnetv2 head",
+           "lapdtr/models/resnetv2.py", "    return m.forward_head(m.norm(x))",
+           "    return m.forward_head(x)", ("tests/models/test_more_adapters.py", "-k", "resnetv2")),
+    Mutant("eva-elastic-mixed-rope-unsliced", "elastic Eva equals zeroing dropped heads",
+           "lapdtr/elastic/eva.py", "                rope = rope[..., :k, :, :]",
+           "                rope = rope[..., -k:, :, :]", ("tests/elastic/test_eva_elastic.py",)),
+    Mutant("release-frees-shared", "releasing a unit keeps what a loaded unit still owns",
+           "lapdtr/runtime/stages.py", "            if k in params and k not in kept:",
+           "            if k in params:",
+           ("tests/runtime/test_stages.py", "-k", "share or rope_mixed")),
+    # ---- issue 12: the fused token is the importance-weighted mean of the dropped tokens
+    Mutant("fuse-unweighted", "the fused token is the importance-weighted mean",
+           "lapdtr/summarize/summarizer.py", "    w = w_rest.to(ct)\n",
+           "    w = (w_rest > 0).to(ct)\n", ("tests/summarize/test_summarizer.py",)),
 ]
-
 
 # ------------------------------------------------------------------------------------ running
 
