@@ -233,6 +233,9 @@ class DistributedModel(nn.Module):
         plan, devices = resolve_plan(cfg, names, devices, self.world_size, img,
                                      profile_fn=lambda widths=None: self._profile)
         from .runtime.prepare import plan_has_widths
+        from .runtime.summary import settle_plan
+
+        settle_plan(cfg, plan, self._module, units(self._module, img))
 
         if plan_has_widths(plan) and len(self._profile.widths) == 1:  # a re-plan prices them
             self._profile = profile_model(self._module, img_size=img,

@@ -57,6 +57,10 @@ class RunConfig:
     energy allows (``lapdtr.elastic.WidthPolicy`` keys: ``kind`` linear / threshold / plan,
     ``min_ratio``, ``steps``, ``hysteresis``, ``min_dwell_s``, ``plan_ratio``); families in
     ``lapdtr.elastic.FAMILIES``, pipeline mode.
+    ``summarize``: summarized stage boundaries (``lapdtr.runtime.summary.SummarizeConfig``
+    keys: ``keep``, a keep ratio for every cut or a mapping from a cut (the unit its stage
+    starts with) to its ratio; ``wire``, fp32 / fp16 / bf16 / int8 for every boundary); a plan's own
+    ``keep_ratio`` s need only ``wire``. Pipeline mode.
     ``resume``: keep a journal of answered requests in ``out/journal``; a restarted run
     (``torchrun --max-restarts``) computes only the requests it lacks (``None``: on when torchrun
     may restart the workers, ``TORCHELASTIC_MAX_RESTARTS`` > 0).
@@ -97,6 +101,7 @@ class RunConfig:
     spill_dir: str | None = None
     faults: list[FaultSpec] = field(default_factory=list)
     elastic: dict | None = None
+    summarize: dict | None = None
     proportions: list | None = None
     aggregator: str = "mean"
     ensemble_models: list | None = None
@@ -189,6 +194,12 @@ class RunConfig:
                                  f"has no elastic layers; allowed: {sorted(FAMILIES)}")
             if self.mode != "pipeline":
                 raise ValueError(f"elastic: runs in mode 'pipeline' (got {self.mode!r})")
+        if self.summarize is not None:
+            from .summary import SummarizeConfig
+
+            self.summarize = SummarizeConfig.parse(self.summarize)
+            if self.mode != "pipeline":
+                raise ValueError(f"summarize: runs in mode 'pipeline' (got {self.mode!r})")
         if self.resume is not None and not isinstance(self.resume, bool):
             raise ValueError(f"resume: expected true, false or null, got {self.resume!r}")
         return self

@@ -271,7 +271,9 @@ class Coordinator:
                                 RedistributionEvent(kind=kind, devices=names + [
                                     n for n in gone if n not in names]))
         from ..elastic.policy import allowed_widths
+        from .summary import carry_keep_ratios
 
+        carry_keep_ratios(w.plan, new_plan, w.model.host, w.model.units, w.cfg.summarize)
         check_plan(new_plan, [u.name for u in w.model.units], w.world_size,
                    f"re-plan after {kind} of {names}", widths=allowed_widths(w.model.host))
         if any(new_plan.stages_of_rank(r) for r in ranks):

@@ -57,8 +57,8 @@ def build_plan_from_cuts(model_name: str, unit_names: list[str], cuts, devices: 
 def check_plan(plan: Plan, unit_names: list[str], world_size: int, where: str = "plan", *,
                widths=(1.0,)) -> None:
     """A pipeline plan must cover the model's units in order, on launched ranks, at widths the
-    model runs (``widths``: its allowed ratios, ``plan_widths_allowed``) and without
-    summarization."""
+    model runs (``widths``: its allowed ratios, ``plan_widths_allowed``), with keep ratios in
+    (0, 1] (which boundaries may summarize: ``summary.check_keep_ratios``)."""
     if not plan.stages:
         raise ValueError(f"{where}: has no stages")
     ranks = sorted({s.rank for s in plan.stages})
@@ -79,10 +79,10 @@ def check_plan(plan: Plan, unit_names: list[str], world_size: int, where: str = 
                    f" ({plan.model!r} has no elastic layers: lapdtr.elastic.FAMILIES)")
             raise ValueError(f"{where}: stage {s.index} asks width={s.width}; {plan.model!r} "
                              f"runs widths {allowed}{why}")
-        if s.keep_ratio != 1.0:
-            raise ValueError(
-                f"{where}: stage {s.index} asks keep_ratio={s.keep_ratio}; the pipeline runtime "
-                "runs without summarization (allowed: 1.0)")
+        if isinstance(s.keep_ratio, bool) or not isinstance(s.keep_ratio, (int, float)) \
+                or not 0.0 < s.keep_ratio <= 1.0:
+            raise ValueError(f"{where}: stage {s.index} asks keep_ratio={s.keep_ratio!r}; "
+                             "allowed: a number in (0, 1] (1.0: every token)")
 
 
 def plan_has_widths(plan: Plan) -> bool:
@@ -215,6 +215,9 @@ def prepare(cfg: RunConfig, world_size: int) -> dict:
     if cfg.mode != "pipeline":
         return _prepare_collective(cfg, world_size, out, ckpt, img_size, devices)
     plan, devices = resolve_plan(cfg, [u.name for u in ul], devices, world_size, img_size)
+    from .summary import settle_plan
+
+    settle_plan(cfg, plan, host, ul)
     plan.save(out / "plan.json")
     return {"checkpoint": str(ckpt), "img_size": img_size, "plan": plan.to_dict(),
             "devices": [d.to_dict() for d in devices], "t0": time.time()}

@@ -52,6 +52,22 @@ class RankReport:
     cache_spilled: int = 0
     cache_dropped: int = 0
     timeline: list[list] = field(default_factory=list)
+    # boundaries this rank sent on, by the unit before each: {"items", "bytes" (as sent, message
+    # headers included), "payload_bytes" (the packet's tensors), "dense_fp32_bytes" (the same
+    # items' boundary unsummarized in fp32), "keep", "wire", "tokens" (per item, as sent)}
+    boundaries: dict = field(default_factory=dict)
+
+    def count_boundary(self, unit: str, sent: int, packet, y, keep: float) -> None:
+        from ..summarize.wire import wire_of_dtype
+
+        b = self.boundaries.setdefault(unit, {"items": 0, "bytes": 0, "payload_bytes": 0,
+                                              "dense_fp32_bytes": 0})
+        b["items"] += 1
+        b["bytes"] += int(sent)
+        b["payload_bytes"] += int(packet.nbytes)
+        b["dense_fp32_bytes"] += 4 * y.numel()
+        b["keep"], b["wire"] = float(keep), wire_of_dtype(packet.tensors[0].dtype)
+        b["tokens"] = int(packet.tensors[0].shape[1]) if packet.tensors[0].dim() > 2 else None
 
 
 @dataclass
@@ -158,6 +174,14 @@ def format_report(r: RunReport) -> str:
                 f"{_width_label(w)} at {t:.2f} s" + (
                     "" if not k.energy_budget_j or not k.energy_trace else
                     f" ({_remaining_at(k, t):.1f} J left)") for t, w in ws))
+    bounds = [(k, u, b) for k in r.ranks for u, b in k.boundaries.items()]
+    if bounds:
+        lines.append("")
+        for k, u, b in bounds:
+            lines.append(
+                f"boundary after {u} (r{k.rank}): keep {b['keep']:g} {b['wire']}, "
+                f"{b['items']} items, {b['bytes']} bytes sent ({b['payload_bytes']} payload, "
+                f"{b['payload_bytes'] / max(1, b['dense_fp32_bytes']):.1%} of fp32 unsummarized)")
     drained = [k for k in r.ranks if k.drained_j]
     if drained:
         lines.append("")

@@ -297,9 +297,14 @@ class RankModel:
     def supports(self, *, width: float = 1.0, keep_ratio: float = 1.0) -> bool:
         """Whether the units run at ``width`` of their heads / hidden units (any width in (0, 1]
         once ``lapdtr.elastic.make_elastic`` swapped their layers, else full width only) and
-        ``keep_ratio`` of their tokens (every token only, until summarization is wired in)."""
+        ``keep_ratio`` of their tokens (where a unit has an attention source to rank them:
+        ``lapdtr.summarize.SOURCE_FAMILIES``; which boundary may: ``summary.check_keep_ratios``)."""
         if keep_ratio != 1.0:
-            return False
+            from ..models import get_adapter
+            from ..summarize import SOURCE_FAMILIES
+
+            if not (0.0 < keep_ratio < 1.0 and get_adapter(self.host).name in SOURCE_FAMILIES):
+                return False
         if width == 1.0:
             return True
         from ..elastic import elastic_layers

@@ -1,7 +1,7 @@
 """A worker's per-item step as an explicit ordered chain:
 
-    decode what arrived -> settings for this item -> run the units -> encode the boundary
-    -> cache -> send
+    decode what arrived -> settings for this item -> arm the codec -> run the units
+    -> encode the boundary -> cache -> send
 
 Each step is a callable ``step(worker, item)`` on an :class:`ItemWork` that it reads and fills.
 Features extend the chain (``Worker.chain``) by replacing or inserting steps, not by adding
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Packet", "Codec", "IdentityCodec", "ItemWork", "Decode", "Settings", "RunUnits",
-           "Encode", "CacheBoundary", "Send", "FullWidth", "default_chain"]
+__all__ = ["Packet", "Codec", "IdentityCodec", "ItemWork", "Decode", "Settings", "Arm",
+           "RunUnits", "Encode", "CacheBoundary", "Send", "FullWidth", "default_chain"]
 
 
 @dataclass
@@ -40,7 +40,11 @@ class Codec:
 
     name = "codec"
 
-    def encode(self, y: torch.Tensor, *, unit: int) -> Packet:
+    def arm(self, work: "ItemWork") -> None:
+        """Before the units run (e.g. hook the attention that ranks the output tokens)."""
+
+    def encode(self, y: torch.Tensor, *, unit: int, keep: float = 1.0) -> Packet:
+        """The packet of ``y``, the input of ``unit``, keeping ``keep`` of its tokens."""
         raise NotImplementedError
 
     def decode(self, packet: Packet, *, unit: int) -> torch.Tensor:
@@ -56,7 +60,11 @@ class IdentityCodec(Codec):
 
     name = "identity"
 
-    def encode(self, y: torch.Tensor, *, unit: int) -> Packet:
+    def encode(self, y: torch.Tensor, *, unit: int, keep: float = 1.0) -> Packet:
+        if keep != 1.0:
+            raise RuntimeError(f"the identity codec sends every token (keep 1.0); asked "
+                               f"keep={keep} for unit {unit}: lapdtr.runtime.summary.SummaryCodec "
+                               "summarizes")
         return Packet((y,))
 
     def decode(self, packet: Packet, *, unit: int) -> torch.Tensor:
@@ -105,9 +113,17 @@ class Settings:
         width, keep = self.policy(w.stage_of[work.unit], w.meter.remaining_j())
         if (width, keep) != (1.0, 1.0) and not w.model.supports(width=width, keep_ratio=keep):
             raise RuntimeError(f"rank {w.rank}: stage settings width={width}, keep_ratio={keep} "
-                               f"for item {work.item}, but this model's units run at full width "
-                               f"only (allowed: 1.0, 1.0)")
+                               f"for item {work.item}, which this model's units do not run "
+                               "(widths < 1 need elastic layers, keep ratios < 1 an attention "
+                               "source: lapdtr.elastic.FAMILIES, lapdtr.summarize.SOURCE_FAMILIES)")
         work.width, work.keep_ratio = width, keep
+
+
+class Arm:
+    """The codec's preparation for this item (``Codec.arm``), before the units run."""
+
+    def __call__(self, w, work: ItemWork) -> None:
+        w.codec.arm(work)
 
 
 class RunUnits:
@@ -132,7 +148,7 @@ class Encode:
     """The stage output as the packet for the next stage (or the coordinator)."""
 
     def __call__(self, w, work: ItemWork) -> None:
-        work.out = w.codec.encode(work.y, unit=work.end)
+        work.out = w.codec.encode(work.y, unit=work.end, keep=work.keep_ratio)
 
 
 class CacheBoundary:
@@ -150,6 +166,9 @@ class Send:
         work.sent_bytes = w.send_packet(work.dst, work.item, work.end, work.out)
         if work.sent_bytes:
             w.meter.record_bytes(sent=work.sent_bytes)
+            if work.end < w.n:
+                w.report.count_boundary(w.model.units[work.end - 1].name, work.sent_bytes,
+                                        work.out, work.y, work.keep_ratio)
 
 
 class FullWidth:
@@ -162,4 +181,4 @@ class FullWidth:
 
 
 def default_chain() -> list:
-    return [Decode(), Settings(), RunUnits(), Encode(), CacheBoundary(), Send()]
+    return [Decode(), Settings(), Arm(), RunUnits(), Encode(), CacheBoundary(), Send()]

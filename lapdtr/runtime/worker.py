@@ -58,7 +58,7 @@ class Worker:
         self.m = cfg.micro_batches
         self.transport = Transport(rank, device)
         self.cache = BoundaryCache(cfg.cache_budget_bytes, cfg.spill_dir, tag=f"rank{rank}")
-        self.codec = IdentityCodec()
+        self.codec = self._make_codec(cfg, self.plan)
         self.chain = default_chain()
         self.gen = 0
         self.epoch = 0
@@ -87,6 +87,16 @@ class Worker:
             if f.kind == "drain" and f.rank == rank and not self.meter.can_drain:
                 raise ValueError(f"faults[{i}]: 'drain' needs a battery on rank {rank}, but its "
                                  f"device {self.report.device!r} has no 'simulated' meter")
+
+    def _make_codec(self, cfg: RunConfig, plan: Plan):
+        """Summarized boundaries (``summarize`` in the config, or keep ratios in the plan): a
+        ``SummaryCodec``; otherwise every boundary as it is."""
+        if cfg.summarize is None and all(s.keep_ratio == 1.0 for s in plan.stages):
+            return IdentityCodec()
+        from .summary import SummaryCodec
+
+        wire = cfg.summarize.wire if cfg.summarize is not None else plan.meta.get("wire", "fp32")
+        return SummaryCodec(self.model.host, self.model.units, wire)
 
     # -- plan -------------------------------------------------------------------------------
     def _apply_plan(self, plan: Plan) -> None:

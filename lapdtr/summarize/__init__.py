@@ -7,10 +7,14 @@
 * :mod:`.wire`: wire formats fp32 / fp16 / bf16 / int8 (per-token scales) and exact bytes;
 * :mod:`.codec`: :class:`BoundaryCodec`, ``encode(x, importance) -> packet`` /
   ``decode(packet) -> tensor`` for one boundary;
+* :mod:`.calibrate`: keep ratios and wire formats per boundary at the fewest bytes that meet a
+  fidelity target on calibration data (``calibrate_keep``);
 * :mod:`.dispatch`: Triton kernel or PyTorch reference (``LAPDTR_KERNELS``).
 
 Nothing here imports Triton until a kernel runs.
 """
+from .calibrate import (CALIBRATION_KEEPS, Calibration, CalibrationRow, boundary_codecs,
+                        calibrate_keep, summarized_forward)
 from .codec import RESTORES, BoundaryCodec, codec_for_unit
 from .importance import (IMPORTANCE_KINDS, SOURCE_FAMILIES, AttentionProbe, attention_importance,
                          attention_source, cls_importance, cls_importance_ref, importance,
@@ -20,9 +24,12 @@ from .summarizer import (LAYOUTS, Summary, check_keep, gather_fuse, gather_fuse_
                          map_to_tokens, restore_dense, restore_tokens, size_bias, summarize,
                          tokens_to_map)
 from .wire import (WIRE_FORMATS, check_wire, decode_tensor, dequantize_int8, encode_tensor,
-                   nbytes, packet_nbytes, parts_nbytes, quantize_int8, quantize_int8_ref)
+                   nbytes, packet_nbytes, parts_nbytes, quantize_int8, quantize_int8_ref,
+                   wire_of_dtype)
 
 __all__ = [
+    "CALIBRATION_KEEPS", "Calibration", "CalibrationRow", "boundary_codecs", "calibrate_keep",
+    "summarized_forward",
     "BoundaryCodec", "RESTORES", "codec_for_unit",
     "IMPORTANCE_KINDS", "SOURCE_FAMILIES", "AttentionProbe", "attention_importance",
     "attention_source", "cls_importance", "cls_importance_ref", "importance", "importance_kind",
@@ -30,5 +37,5 @@ __all__ = [
     "LAYOUTS", "Summary", "check_keep", "gather_fuse", "gather_fuse_ref", "keep_count",
     "map_to_tokens", "restore_dense", "restore_tokens", "size_bias", "summarize", "tokens_to_map",
     "WIRE_FORMATS", "check_wire", "decode_tensor", "dequantize_int8", "encode_tensor", "nbytes",
-    "packet_nbytes", "parts_nbytes", "quantize_int8", "quantize_int8_ref",
+    "packet_nbytes", "parts_nbytes", "quantize_int8", "quantize_int8_ref", "wire_of_dtype",
 ]

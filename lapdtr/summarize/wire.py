@@ -20,7 +20,7 @@ from lapdtr.runtime import wire as _rw
 
 from . import dispatch
 
-__all__ = ["WIRE_FORMATS", "check_wire", "wire_parts", "encode_tensor", "decode_tensor",
+__all__ = ["WIRE_FORMATS", "check_wire", "wire_parts", "wire_of_dtype", "encode_tensor", "decode_tensor",
            "quantize_int8", "quantize_int8_ref", "dequantize_int8", "nbytes", "packet_nbytes",
            "parts_nbytes"]
 
@@ -33,6 +33,12 @@ def check_wire(wire: str) -> str:
         raise ValueError(f"wire format {wire!r} is not supported; supported: "
                          f"{', '.join(WIRE_FORMATS)}")
     return wire
+
+
+def wire_of_dtype(dtype: torch.dtype) -> str | None:
+    """The wire format whose (first) tensor has ``dtype`` (``None``: no wire format's)."""
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+            torch.int8: "int8"}.get(dtype)
 
 
 def wire_parts(wire: str) -> int:

@@ -9,6 +9,7 @@ import torch
 
 import lapdtr
 from lapdtr.runtime import request_input
+from lapdtr.runtime.steps import Codec
 
 
 def _redistribute(plan, model_profile, devices, event):
@@ -363,13 +364,13 @@ def stop_rank1_then_wake(rank: int) -> None:
     worker.Worker.process = process
 
 
-class SplitCodec:
+class SplitCodec(Codec):
     """A codec whose packets hold three tensors: the boundary's flat halves and an int64 tag
     (the unit it is for, then the shape). Decoding checks all three came and the tag's unit."""
 
     name = "split-test"
 
-    def encode(self, y, *, unit):
+    def encode(self, y, *, unit, keep=1.0):
         from lapdtr.runtime.steps import Packet
 
         flat = y.reshape(-1)
