@@ -243,6 +243,19 @@ MUTANTS = [
     Mutant("fuse-unweighted", "the fused token is the importance-weighted mean",
            "lapdtr/summarize/summarizer.py", "    w = w_rest.to(ct)\n",
            "    w = (w_rest > 0).to(ct)\n", ("tests/summarize/test_summarizer.py",)),
+    # ---- issue 12 in the runtime: the probe, the report's bytes, keep ratios over a re-plan
+    Mutant("runtime-probe-previous-block", "importance from the stage's last block",
+           "lapdtr/runtime/summary.py", "        last = work.end - 1\n",
+           "        last = work.end - 2\n",
+           ("tests/runtime/test_summarized_run.py", "-k", "one_process")),
+    Mutant("runtime-boundary-bytes-payload", "the report counts the bytes sent per boundary",
+           "lapdtr/runtime/report.py", "        b[\"bytes\"] += int(sent)\n",
+           "        b[\"bytes\"] += int(packet.nbytes)\n",
+           ("tests/runtime/test_summarized_run.py", "-k", "one_process and fp16")),
+    Mutant("replan-drops-keep", "a re-plan keeps summarizing where its cuts allow",
+           "lapdtr/runtime/summary.py",
+           "        s.keep_ratio = keep if nxt is not None and _summarizable(host, by_name[end]) else 1.0",
+           "        s.keep_ratio = 1.0", ("tests/runtime/test_summarized_run.py", "-k", "killed")),
 ]
 
 # ------------------------------------------------------------------------------------ running

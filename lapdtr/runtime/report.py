@@ -54,10 +54,11 @@ class RankReport:
     timeline: list[list] = field(default_factory=list)
     # boundaries this rank sent on, by the unit before each: {"items", "bytes" (as sent, message
     # headers included), "payload_bytes" (the packet's tensors), "dense_fp32_bytes" (the same
-    # items' boundary unsummarized in fp32), "keep", "wire", "tokens" (per item, as sent)}
+    # items' boundary in fp32 with no boundary before it summarized either), "keep", "wire",
+    # "tokens" (per item, as sent)}
     boundaries: dict = field(default_factory=dict)
 
-    def count_boundary(self, unit: str, sent: int, packet, y, keep: float) -> None:
+    def count_boundary(self, unit: str, sent: int, packet, dense_bytes: int, keep: float) -> None:
         from ..summarize.wire import wire_of_dtype
 
         b = self.boundaries.setdefault(unit, {"items": 0, "bytes": 0, "payload_bytes": 0,
@@ -65,7 +66,7 @@ class RankReport:
         b["items"] += 1
         b["bytes"] += int(sent)
         b["payload_bytes"] += int(packet.nbytes)
-        b["dense_fp32_bytes"] += 4 * y.numel()
+        b["dense_fp32_bytes"] += int(dense_bytes)
         b["keep"], b["wire"] = float(keep), wire_of_dtype(packet.tensors[0].dtype)
         b["tokens"] = int(packet.tensors[0].shape[1]) if packet.tensors[0].dim() > 2 else None
 

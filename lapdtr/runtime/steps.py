@@ -15,6 +15,7 @@ needs it (:meth:`Codec.reencode`; the identity codec does not).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -167,8 +168,10 @@ class Send:
         if work.sent_bytes:
             w.meter.record_bytes(sent=work.sent_bytes)
             if work.end < w.n:
-                w.report.count_boundary(w.model.units[work.end - 1].name, work.sent_bytes,
-                                        work.out, work.y, work.keep_ratio)
+                u = w.model.units[work.end - 1]  # its out_shape: the boundary unsummarized
+                w.report.count_boundary(u.name, work.sent_bytes, work.out,
+                                        4 * work.y.shape[0] * math.prod(u.out_shape[1:]),
+                                        work.keep_ratio)
 
 
 class FullWidth:

@@ -3,9 +3,10 @@ of a plan's keep ratios, and :class:`SummaryCodec`, the codec of the worker's pe
 
 A stage's ``keep_ratio`` (``StagePlan``) applies to its output: the tokens the next stage gets.
 With ``keep_ratio < 1`` the stage's last unit must have an attention source
-(:func:`lapdtr.summarize.attention_source`: the block units of the ``vit`` family) and a token
-output; the next stage takes the shorter sequence ``[prefix, kept..., fused]`` (restore rule
-``tokens``). The wire format (``summarize.wire``) applies to every boundary the codec can encode
+(:func:`lapdtr.summarize.attention_source`, ``SOURCE_FAMILIES``). After a token output the next
+stage takes the shorter sequence ``[prefix, kept..., fused]`` (restore rule ``tokens``); after a
+map (hierarchical models) it takes the full grid, kept tokens at their places and the fused
+token at every other (restore rule ``dense``). The wire format (``summarize.wire``) applies to every boundary the codec can encode
 (tokens, maps); other boundaries and the last stage's output go as they are, in fp32.
 
 Packets describe themselves (wire format from the dtype, summarized or not from the part
@@ -24,8 +25,9 @@ from typing import Sequence
 import torch
 
 from .._validate import check_fields
-from ..summarize import (WIRE_FORMATS, AttentionProbe, BoundaryCodec, attention_source,
-                         check_keep, check_wire, decode_tensor, importance_kind, tokens_to_map)
+from ..summarize import (WIRE_FORMATS, AttentionProbe, BoundaryCodec, Summary, attention_source,
+                         check_keep, check_wire, decode_tensor, importance_kind, restore_dense,
+                         tokens_to_map)
 from ..summarize.wire import wire_of_dtype, wire_parts
 from .steps import Codec, Packet
 
@@ -100,7 +102,7 @@ def _summarizable(host, unit) -> bool:
         attention_source(host, unit)
     except ValueError:
         return False
-    return boundary_layout(unit) == "tokens"
+    return boundary_layout(unit) is not None
 
 
 def carry_keep_ratios(old, new, host, unit_list, cfg: SummarizeConfig | None) -> None:
@@ -152,10 +154,10 @@ def check_keep_ratios(plan, host, unit_list, where: str = "plan") -> None:
             raise ValueError(f"{where}: stage {s.index} asks keep_ratio={keep} after unit "
                              f"{last.name!r}, but the next stage cannot take fewer tokens and "
                              f"there is no restore rule for it: {e}") from None
-        if boundary_layout(last) != "tokens":
+        if boundary_layout(last) is None:
             raise ValueError(f"{where}: stage {s.index} asks keep_ratio={keep} after unit "
                              f"{last.name!r}, which outputs {last.out_format}; summarized "
-                             "boundaries carry tokens")
+                             "boundaries carry tokens or maps")
 
 
 class SummaryCodec(Codec):
@@ -197,7 +199,8 @@ class SummaryCodec(Codec):
         if key not in self._codecs:
             self._codecs[key] = BoundaryCodec(
                 shape, keep=keep, wire=self.wire, layout=layout,
-                num_prefix=self.num_prefix if layout == "tokens" else 0)
+                num_prefix=self.num_prefix if layout == "tokens" else 0,
+                restore="tokens" if layout == "tokens" else "dense")
         return self._codecs[key]
 
     def encode(self, y: torch.Tensor, *, unit: int, keep: float = 1.0) -> Packet:
@@ -222,13 +225,15 @@ class SummaryCodec(Codec):
             return t[0]
         n = wire_parts(wire)
         body = decode_tensor(t[:n], wire, torch.float32)
-        if len(t) == n and wire == "int8":  # every token kept: int8 packs maps as tokens
-            layout = boundary_layout(self.units[unit - 1])
-            if layout != "tokens":
-                shape = self.units[unit - 1].out_shape
-                hw = (shape[2], shape[3]) if layout == "map" else (shape[1], shape[2])
-                body = tokens_to_map(body, layout, hw)
-        return body  # summarized: [prefix, kept..., fused], the shorter sequence
+        layout = boundary_layout(self.units[unit - 1])
+        if layout == "tokens":
+            return body  # summarized: [prefix, kept..., fused], the shorter sequence
+        shape = self.units[unit - 1].out_shape  # a map keeps its grid: measured at batch 1
+        hw = (shape[2], shape[3]) if layout == "map" else (shape[1], shape[2])
+        if len(t) > n:  # summarized map: the kept tokens back at their places, the fused elsewhere
+            body = restore_dense(Summary(body[:, :0], body[:, :-1], t[n].long(), body[:, -1:],
+                                         hw[0] * hw[1]))
+        return tokens_to_map(body, layout, hw) if (len(t) > n or wire == "int8") else body
 
     def close(self) -> None:
         for p in self._probes.values():

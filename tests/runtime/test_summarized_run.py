@@ -109,6 +109,7 @@ def test_summarized_run_matches_the_same_summary_in_one_process(tmp_path, ckpt, 
         b = sent[ul[c - 1].name]
         assert b["items"] == 3 and b["keep"] == k and b["wire"] == wire
         assert b["bytes"] == 3 * size, (c, b)  # exact: the codec's packet, as packed
+        assert b["dense_fp32_bytes"] == 3 * 2 * 197 * 192 * 4  # the model's, unsummarized
         codec = codec_for_unit(m, ul[c - 1], keep=k, wire=wire)
         if c == cuts[0]:
             assert b["payload_bytes"] == 3 * codec.nbytes(2)
@@ -183,3 +184,33 @@ def test_a_rank_killed_mid_run_resumes_summarized_packets(tmp_path, ckpt):
             want = _summarized(m, x, cuts, [(mix[c], "fp16") for c in cuts])[0]
             errs.append(float((outs[f"request{q}"] - want).abs().max()))
         assert min(errs) <= 1e-3 * float(full.abs().max()), (q, errs, mixes)
+
+
+@pytest.mark.parametrize("wire", ["fp32", "fp16", "int8"])
+def test_a_summarized_map_decodes_to_the_full_grid(wire):
+    """A map boundary (hierarchical models): the receiver gets the full grid back, kept tokens at
+    their places and the fused token elsewhere, as the library's dense restore gives it."""
+    from lapdtr.runtime.steps import Packet
+    from lapdtr.runtime.summary import SummaryCodec
+
+    m = lapdtr.create_model("resnet18").eval()
+    ul = lapdtr.units(m, 64)
+    cut = next(i for i, u in enumerate(ul) if u.out_format == "map" and i > 0) + 1
+    codec = SummaryCodec(m, ul, wire)
+    x = torch.randn(2, *ul[cut - 1].out_shape[1:])
+    imp = torch.rand(2, x.shape[2] * x.shape[3])
+
+    class Probe:  # the importance an attention source would give
+        def importance(self):
+            return imp
+
+    codec._probes[cut - 1] = Probe()
+    packet = codec.encode(x, unit=cut, keep=0.25)
+    ref = lapdtr.summarize.BoundaryCodec(tuple(x.shape[1:]), keep=0.25, wire=wire, layout="map",
+                                         restore="dense")
+    assert [tuple(t.shape) for t in packet.tensors] == [s for _, s in ref.packet_specs(2)]
+    got = codec.decode(Packet(tuple(packet.tensors)), unit=cut)
+    assert got.shape == x.shape and torch.equal(got, ref.decode(ref.encode(x, imp)))
+    # every token kept, int8: the map again, not its tokens
+    full = codec.decode(codec.encode(x, unit=cut, keep=1.0), unit=cut)
+    assert full.shape == x.shape
