@@ -13,7 +13,7 @@ from .cost import OBJECTIVES
 from .idle import IdleRanksWarning
 
 __all__ = ["add_plan_commands", "main", "cmd_plan", "cmd_compare", "compare_strategies",
-           "COMPARE_STRATEGIES"]
+           "COMPARE_STRATEGIES", "format_summarization"]
 
 COMPARE_STRATEGIES = ("data", "horizontal", "sequential", "vertical")
 
@@ -44,6 +44,17 @@ def _width_arg(text):
         return float(text)
     except ValueError:
         raise ValueError(f"--width {text!r}: allowed: 'auto' or a ratio in (0, 1]") from None
+
+
+def _keep_arg(text):
+    """``--keep``: a keep ratio in (0, 1] for every boundary that can be summarized (default 1)."""
+    if text is None:
+        return 1.0
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--keep {text!r}: allowed: a ratio in (0, 1] (1.0 keeps every token)") \
+            from None
 
 
 def _accuracy_arg(path):
@@ -111,6 +122,20 @@ def format_plan(plan) -> str:
     return "\n".join(out)
 
 
+def format_summarization(plan) -> str:
+    """One line per cut boundary of a plan priced summarized (``meta['summarization']``)."""
+    m = plan.meta.get("summarization")
+    if not m:
+        return ""
+    lines = [f"boundaries priced summarized, wire {m['wire']} (downstream FLOPs as profiled):"]
+    for unit, b in m["boundaries"].items():
+        lines.append(f"  after {unit}: keep {b['keep']:g}, {b['wire']}, {b['bytes']} B "
+                     f"(profiled {b['profiled_bytes']} B): {b['why']}")
+    if not m["boundaries"]:
+        lines.append("  (no stage boundary: one stage)")
+    return "\n".join(lines)
+
+
 def _not_proven(meta) -> str:
     if "gap" in meta and meta.get("lower_bound") is not None:
         return f" (not proven optimal: at most {meta['gap']:.3%} above the optimum, certified)"
@@ -126,6 +151,15 @@ def cmd_plan(args) -> int:
     accuracy = _accuracy_arg(getattr(args, "accuracy", None))
     if accuracy is not None and width != "auto":
         raise ValueError("--accuracy is for --width auto (Algorithm 1 weighs it per width)")
+    from .summarized import check_summarization, is_default
+
+    keep, wire = check_summarization(_keep_arg(getattr(args, "keep", None)),
+                                     getattr(args, "wire", None) or "fp32", args.strategy)
+    summarize = not is_default(keep, wire)
+    if summarize and width == "auto":
+        raise ValueError("--keep / --wire price one plan's boundaries; with --width auto "
+                         "(Algorithm 1 over widths) they are not supported; allowed: a fixed "
+                         "--width, or no --width")
     devices = _load_devices(args.devices)
     model, unit_list, prof = _profile(args, widths=None if width in (None, 1.0) else "all")
     if width not in (None, 1.0) and len(prof.widths) == 1:
@@ -137,7 +171,20 @@ def cmd_plan(args) -> int:
     kw = _strategy_kwargs(args.strategy, model, unit_list)
     kw.update(strategy=args.strategy, objective=objective,
               latency_target_s=args.latency_target, horizon_requests=args.horizon)
-    if width == "auto":
+    if summarize:
+        from .summarized import plan_summarized
+        from .widths import stamp_widths
+
+        if width not in (None, 1.0):
+            from ..elastic import count_for
+
+            h = len(prof.widths)
+            prof = prof.at_width(count_for(width, h) / h)
+        plan = plan_summarized(prof, devices, model, unit_list, keep=keep, wire=wire, **kw)
+        if width not in (None, 1.0):
+            stamp_widths(plan, prof.width)
+            plan.meta["width_priced"] = "measured per unit at this width (profile_model widths)"
+    elif width == "auto":
         from .widths import plan_widths
 
         plan = plan_widths(prof, devices, accuracy=accuracy, **kw)
@@ -157,6 +204,8 @@ def cmd_plan(args) -> int:
                            f"; chosen by Algorithm 1 among {[c['width'] for c in sel['candidates']]}"
                            f", accuracy: {sel['accuracy_source']}"
                            + (f"; no plan at {list(sel['refused'])}" if sel["refused"] else "")))
+    if summarize:
+        print(format_summarization(plan))
     if args.out:
         out = Path(args.out)
         plan.save(out / "plan.json")
@@ -280,6 +329,11 @@ def add_plan_commands(subparsers) -> None:
                         "count), or 'auto': Algorithm 1 picks among the model's widths")
     p.add_argument("--accuracy", default=None,
                    help="with --width auto: JSON of width -> accuracy (lapdtr elastic-curve)")
+    p.add_argument("--keep", default=None,
+                   help="price stage boundaries summarized: keep this ratio in (0, 1] of the "
+                        "patch tokens after units with an attention source (default 1.0)")
+    p.add_argument("--wire", default=None,
+                   help="wire format of stage boundaries: fp32 (default), fp16, bf16 or int8")
     p.set_defaults(func=cmd_plan)
     c = subparsers.add_parser("compare", help="Tang & Stefanov chart: max per-device energy per "
                                               "strategy for 1..K devices")

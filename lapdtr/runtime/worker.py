@@ -89,9 +89,11 @@ class Worker:
                                  f"device {self.report.device!r} has no 'simulated' meter")
 
     def _make_codec(self, cfg: RunConfig, plan: Plan):
-        """Summarized boundaries (``summarize`` in the config, or keep ratios in the plan): a
+        """Summarized boundaries (``summarize`` in the config, or keep ratios or a wire format
+        in the plan, as ``lapdtr plan --keep/--wire`` writes them): a
         ``SummaryCodec``; otherwise every boundary as it is."""
-        if cfg.summarize is None and all(s.keep_ratio == 1.0 for s in plan.stages):
+        if cfg.summarize is None and plan.meta.get("wire", "fp32") == "fp32" and \
+                all(s.keep_ratio == 1.0 for s in plan.stages):
             return IdentityCodec()
         from .summary import SummaryCodec
 

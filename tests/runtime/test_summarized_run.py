@@ -214,3 +214,33 @@ def test_a_summarized_map_decodes_to_the_full_grid(wire):
     # every token kept, int8: the map again, not its tokens
     full = codec.decode(codec.encode(x, unit=cut, keep=1.0), unit=cut)
     assert full.shape == x.shape
+
+
+def test_a_plan_priced_summarized_runs_as_planned(tmp_path, ckpt):
+    """A plan carrying keep ratios and a wire format (``lapdtr plan --keep 0.5 --wire int8``
+    writes them; no ``summarize`` block in the run config): the run summarizes as planned."""
+    from lapdtr.plan.types import Plan
+
+    plan = prepare(_cfg(tmp_path, ckpt).validate(), 2)["plan"]
+    plan["stages"][0]["keep_ratio"] = 0.5
+    plan["meta"]["wire"] = "int8"
+    Plan.from_dict(plan).save(tmp_path / "p.json")
+    cfg = _cfg(tmp_path / "run", ckpt, cuts=None, plan=str(tmp_path / "p.json"), requests=2)
+    r = run(cfg, timeout_s=200)
+    assert r.completed == 2
+    m = _model(ckpt)
+    ul = lapdtr.units(m, 224)
+    (b,) = [b for k in r.ranks for b in k.boundaries.values()]
+    assert (b["keep"], b["wire"]) == (0.5, "int8")
+    assert b["payload_bytes"] == 2 * codec_for_unit(m, ul[1], keep=0.5, wire="int8").nbytes(2)
+    outs = load_outputs(cfg.out)
+    for q in range(2):
+        x = request_input(cfg.seed, q, 2, 224)
+        assert_close_scaled(outs[f"request{q}"], _summarized(m, x, [2], [(0.5, "int8")])[0])
+    # a wire format alone (keep 1 everywhere) is honoured too, not dropped for the identity
+    plan["stages"][0]["keep_ratio"] = 1.0
+    Plan.from_dict(plan).save(tmp_path / "p.json")
+    r = run(_cfg(tmp_path / "run2", ckpt, cuts=None, plan=str(tmp_path / "p.json"), requests=1),
+            timeout_s=200)
+    (b,) = [b for k in r.ranks for b in k.boundaries.values()]
+    assert b["wire"] == "int8" and b["payload_bytes"] < b["dense_fp32_bytes"] / 3
