@@ -20,6 +20,10 @@ grid when ``N - num_prefix_tokens`` is a square, else the model's own ``patch_em
 when the count matches it (lapdtr feeds square images; a rectangular image of another aspect
 than the model's own grid cannot be told apart from its token count and is refused).
 
+Summarized boundaries (:mod:`lapdtr.summarize`): a block's tokens are ranked by its attention
+with RoPE applied (``RopeAttentionProbe``), and the next stage takes the full sequence back
+(``restore_rule``: ``dense``), so each block unit's rotary table still matches its tokens.
+
 Not supported through units, each a ``ValueError`` naming it: patch dropout (``patch_drop_rate
 > 0``) in training mode with RoPE (the random kept patches select rows of the table that only
 ``_pos_embed`` knows), and RoPE coordinate augmentation (``rope_shift_coords`` /

@@ -6,9 +6,9 @@ summarization pays.
   (:class:`BoundaryPricing`): the exact payload bytes of the unit's :class:`BoundaryCodec`
   (``codec_for_unit(model, unit, keep=, wire=).nbytes(batch)`` at the profile's batch size).
   Tokens are dropped (keep < 1) only after a unit with an attention source
-  (:func:`lapdtr.summarize.attention_source`: the ``blocks.i`` of the ``vit`` family) and a
-  token layout; the other boundaries the codec takes (``tokens``, ``map``, ``map_nhwc``) are
-  priced in the wire format at keep 1 (fp16 halves them, int8 is codes plus per-token float32
+  (:func:`lapdtr.summarize.attention_source`: the ``blocks.i`` of the ``vit`` and ``eva``
+  families) and a token layout; the other boundaries the codec takes (``tokens``, ``map``,
+  ``map_nhwc``) are priced in the wire format at keep 1 (fp16 halves them, int8 is codes plus per-token float32
   scales); a boundary the codec does not take (``logits``, ...) or whose profiled bytes are not
   the codec's dense fp32 bytes (a profile in another dtype) keeps its profiled bytes.
 * :func:`summarized_profile` is the profile with those bytes as the sending unit's

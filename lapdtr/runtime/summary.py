@@ -5,9 +5,11 @@ A stage's ``keep_ratio`` (``StagePlan``) applies to its output: the tokens the n
 With ``keep_ratio < 1`` the stage's last unit must have an attention source
 (:func:`lapdtr.summarize.attention_source`, ``SOURCE_FAMILIES``). After a token output the next
 stage takes the shorter sequence ``[prefix, kept..., fused]`` (restore rule ``tokens``); after a
-map (hierarchical models) it takes the full grid, kept tokens at their places and the fused
-token at every other (restore rule ``dense``). The wire format (``summarize.wire``) applies to every boundary the codec can encode
-(tokens, maps); other boundaries and the last stage's output go as they are, in fp32.
+map (hierarchical models), or tokens of a RoPE ``Eva`` (whose blocks rotate each position by its
+own row of the rotary table), it takes the full grid, kept tokens at their places and the fused
+token at every other (restore rule ``dense``, :func:`lapdtr.summarize.restore_rule`). The wire
+format (``summarize.wire``) applies to every boundary the codec can encode (tokens, maps); other
+boundaries and the last stage's output go as they are, in fp32.
 
 Packets describe themselves (wire format from the dtype, summarized or not from the part
 count), so decoding needs no plan: after a re-plan a cached packet resumes at its boundary's new
@@ -25,9 +27,9 @@ from typing import Sequence
 import torch
 
 from .._validate import check_fields
-from ..summarize import (WIRE_FORMATS, AttentionProbe, BoundaryCodec, Summary, attention_source,
-                         check_keep, check_wire, decode_tensor, importance_kind, restore_dense,
-                         tokens_to_map)
+from ..summarize import (WIRE_FORMATS, BoundaryCodec, Summary, attention_source, check_keep,
+                         check_wire, decode_tensor, importance_kind, probe_for, restore_dense,
+                         restore_rule, tokens_to_map)
 from ..summarize.wire import wire_of_dtype, wire_parts
 from .steps import Codec, Packet
 
@@ -176,7 +178,7 @@ class SummaryCodec(Codec):
         self.n = len(self.units)
         self.kind = importance_kind(host)
         self.num_prefix = int(getattr(host, "num_prefix_tokens", 0))
-        self._probes: dict[int, AttentionProbe] = {}
+        self._probes: dict[int, object] = {}  # AttentionProbe / RopeAttentionProbe
         self._codecs: dict[tuple, BoundaryCodec] = {}
 
     # -- the chain's hooks ------------------------------------------------------------------
@@ -185,8 +187,8 @@ class SummaryCodec(Codec):
             return
         last = work.end - 1
         if last not in self._probes:
-            self._probes[last] = AttentionProbe(attention_source(self.host, self.units[last]),
-                                                self.kind)
+            self._probes[last] = probe_for(attention_source(self.host, self.units[last]),
+                                           self.kind)
         self._probes[last].clear()
 
     def codec_for(self, unit: int, shape: tuple[int, ...], keep: float) -> BoundaryCodec | None:
@@ -200,7 +202,7 @@ class SummaryCodec(Codec):
             self._codecs[key] = BoundaryCodec(
                 shape, keep=keep, wire=self.wire, layout=layout,
                 num_prefix=self.num_prefix if layout == "tokens" else 0,
-                restore="tokens" if layout == "tokens" else "dense")
+                restore=restore_rule(self.host, layout))
         return self._codecs[key]
 
     def encode(self, y: torch.Tensor, *, unit: int, keep: float = 1.0) -> Packet:
@@ -227,7 +229,11 @@ class SummaryCodec(Codec):
         body = decode_tensor(t[:n], wire, torch.float32)
         layout = boundary_layout(self.units[unit - 1])
         if layout == "tokens":
-            return body  # summarized: [prefix, kept..., fused], the shorter sequence
+            if len(t) == n or restore_rule(self.host, layout) == "tokens":
+                return body  # summarized: [prefix, kept..., fused], the shorter sequence
+            P = self.num_prefix  # dense (RoPE Eva): every position back, measured at batch 1
+            return restore_dense(Summary(body[:, :P], body[:, P:-1], t[n].long(), body[:, -1:],
+                                         self.units[unit - 1].out_shape[1] - P))
         shape = self.units[unit - 1].out_shape  # a map keeps its grid: measured at batch 1
         hw = (shape[2], shape[3]) if layout == "map" else (shape[1], shape[2])
         if len(t) > n:  # summarized map: the kept tokens back at their places, the fused elsewhere

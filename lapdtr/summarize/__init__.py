@@ -15,8 +15,9 @@ Nothing here imports Triton until a kernel runs.
 """
 from .calibrate import (CALIBRATION_KEEPS, Calibration, CalibrationRow, boundary_codecs,
                         calibrate_keep, summarized_forward)
-from .codec import RESTORES, BoundaryCodec, codec_for_unit
-from .importance import (IMPORTANCE_KINDS, SOURCE_FAMILIES, AttentionProbe, attention_importance,
+from .codec import RESTORES, BoundaryCodec, codec_for_unit, restore_rule
+from .importance import (IMPORTANCE_KINDS, SOURCE_FAMILIES, AttentionProbe, RopeAttentionProbe,
+                         attention_importance, probe_for,
                          attention_source, cls_importance, cls_importance_ref, importance,
                          importance_kind, qk, qk_from_qkv, received_attention,
                          received_attention_ref)
@@ -30,8 +31,9 @@ from .wire import (WIRE_FORMATS, check_wire, decode_tensor, dequantize_int8, enc
 __all__ = [
     "CALIBRATION_KEEPS", "Calibration", "CalibrationRow", "boundary_codecs", "calibrate_keep",
     "summarized_forward",
-    "BoundaryCodec", "RESTORES", "codec_for_unit",
-    "IMPORTANCE_KINDS", "SOURCE_FAMILIES", "AttentionProbe", "attention_importance",
+    "BoundaryCodec", "RESTORES", "codec_for_unit", "restore_rule",
+    "IMPORTANCE_KINDS", "SOURCE_FAMILIES", "AttentionProbe", "RopeAttentionProbe", "probe_for",
+    "attention_importance",
     "attention_source", "cls_importance", "cls_importance_ref", "importance", "importance_kind",
     "qk", "qk_from_qkv", "received_attention", "received_attention_ref",
     "LAYOUTS", "Summary", "check_keep", "gather_fuse", "gather_fuse_ref", "keep_count",

@@ -1,8 +1,9 @@
 """The keep ratio and wire format of each boundary, chosen on calibration data.
 
 :func:`summarized_forward` runs a model split at ``cuts`` with every boundary encoded and decoded
-by a :class:`BoundaryCodec` (``settings[i] = (keep, wire)``; restore ``"tokens"`` for token
-boundaries, ``"dense"`` for maps; importance from the attention of the last unit before the
+by a :class:`BoundaryCodec` (``settings[i] = (keep, wire)``; restore rule
+:func:`lapdtr.summarize.codec.restore_rule`: ``"tokens"`` for plain ViT token boundaries,
+``"dense"`` for maps and RoPE Evas; importance from the attention of the last unit before the
 boundary, probed while its stage runs); at ``(1.0, "fp32")`` everywhere it returns ``model(x)``
 bit for bit.
 
@@ -19,7 +20,8 @@ then the cut whose choice has the fewest bytes; its :class:`CutCalibration` keep
 result (:class:`CutRow`).
 
 After a boundary that drops tokens, the next stages run on the shorter sequence
-``[prefix, kept..., fused]`` (no proportional attention), and later boundaries are smaller.
+``[prefix, kept..., fused]`` (no proportional attention), and later boundaries are smaller;
+under the dense rule they run on the full sequence.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 
 from .codec import BoundaryCodec, codec_for_unit
-from .importance import AttentionProbe, attention_source, importance_kind
+from .importance import attention_source, importance_kind, probe_for
 from .summarizer import check_keep
 from .wire import WIRE_FORMATS, check_wire
 
@@ -85,8 +87,7 @@ class _Split:
                              "per boundary")
         out, n_tokens = [], None
         for u, (keep, wire) in zip(self.last, settings):
-            restore = "tokens" if u.out_format == "tokens" else "dense"
-            c = codec_for_unit(self.model, u, keep=keep, wire=wire, restore=restore)
+            c = codec_for_unit(self.model, u, keep=keep, wire=wire)
             if n_tokens is not None and c.layout == "tokens" and n_tokens != c.shape[0]:
                 c = dataclasses.replace(c, shape=(n_tokens, c.shape[1]))  # a shorter sequence
             n_tokens = c.out_shape()[0] if c.layout == "tokens" else None
@@ -97,7 +98,7 @@ class _Split:
         """Stage ``i``'s output, and the importance of its tokens when ``rank``."""
         if not rank and i not in self._sources:
             return self.stages[i](y), None
-        with AttentionProbe(self.source(i), self.kind) as probe:
+        with probe_for(self.source(i), self.kind) as probe:
             b = self.stages[i](y)
             return b, probe.importance()
 

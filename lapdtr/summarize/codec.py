@@ -27,7 +27,7 @@ from .summarizer import (LAYOUTS, Summary, check_keep, keep_count, map_to_tokens
                          size_bias, summarize, tokens_to_map)
 from .wire import check_wire, decode_tensor, encode_tensor, parts_nbytes, wire_parts
 
-__all__ = ["BoundaryCodec", "RESTORES", "codec_for_unit"]
+__all__ = ["BoundaryCodec", "RESTORES", "codec_for_unit", "restore_rule"]
 
 RESTORES = ("tokens", "dense")
 _WIRE_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -228,11 +228,23 @@ class BoundaryCodec:
         return tokens_to_map(restore_dense(self.summary(packet)), self.layout, self.hw)
 
 
+def restore_rule(model: nn.Module, layout: str) -> str:
+    """How the next stage of ``model`` takes a summarized boundary of ``layout``: ``"tokens"``
+    (the shorter sequence) for token boundaries of plain ViTs; ``"dense"`` (every position back,
+    the fused token at the dropped ones) for maps and for models whose blocks take a rotary
+    table per position (timm ``Eva`` with RoPE: each block unit rebuilds the table for the full
+    grid, and a kept token keeps the rotation of its own position)."""
+    if layout != "tokens" or getattr(model, "rope", None) is not None:
+        return "dense"
+    return "tokens"
+
+
 def codec_for_unit(model: nn.Module, unit, *, keep: float = 1.0, wire: str = "fp32",
-                   restore: str = "tokens", dtype: torch.dtype = torch.float32) -> BoundaryCodec:
+                   restore: str | None = None,
+                   dtype: torch.dtype = torch.float32) -> BoundaryCodec:
     """The codec of the boundary after ``unit`` (a :class:`lapdtr.models.Unit`: its
     ``out_format`` and ``out_shape`` give layout and shape; ``model.num_prefix_tokens`` the
-    prefix tokens of a token boundary)."""
+    prefix tokens of a token boundary); ``restore`` defaults to :func:`restore_rule`."""
     fmt = unit.out_format
     if fmt not in _LAYOUT_OF_FORMAT:
         raise ValueError(f"unit {unit.name!r} outputs {fmt}; boundaries that can be encoded: "
@@ -240,4 +252,5 @@ def codec_for_unit(model: nn.Module, unit, *, keep: float = 1.0, wire: str = "fp
     layout = _LAYOUT_OF_FORMAT[fmt]
     prefix = int(getattr(model, "num_prefix_tokens", 0)) if layout == "tokens" else 0
     return BoundaryCodec(tuple(unit.out_shape[1:]), keep=keep, wire=wire, layout=layout,
-                         num_prefix=prefix, restore=restore, dtype=dtype)
+                         num_prefix=prefix, restore=restore or restore_rule(model, layout),
+                         dtype=dtype)

@@ -12,8 +12,14 @@ input, prefix tokens included; each row sums to 1. The ops dispatch to Triton ke
 
 Sources: :func:`attention_source` names the module of a unit whose attention ranks that unit's
 output tokens (supported: the ``blocks.i`` units of the ``vit`` adapter, i.e. timm
-``Attention``); :class:`AttentionProbe` captures its q and k while the unit runs (a hook on
-``attn.qkv``), :func:`attention_importance` computes them from the attention's input.
+``Attention``, and of the ``eva`` adapter); :class:`AttentionProbe`
+captures its q and k while the unit runs (a hook on ``attn.qkv``), :func:`attention_importance`
+computes them from the attention's input. :class:`RopeAttentionProbe` does the same for
+``EvaAttention`` / ``AttentionRope`` (the ``eva`` adapter): it captures q and k after ``q_norm`` / ``k_norm`` (hooks on both, so fused and
+separate q/k/v projections alike) and the rotary table the block was called with (a pre-hook on
+the attention), and rotates the patch tokens' q and k with timm's ``apply_rot_embed_cat`` as the
+attention does, so the scores are those the block attended with. :func:`probe_for` picks the
+probe for an attention module.
 """
 from __future__ import annotations
 
@@ -24,10 +30,11 @@ from . import dispatch
 
 __all__ = ["IMPORTANCE_KINDS", "SOURCE_FAMILIES", "cls_importance", "cls_importance_ref",
            "received_attention", "received_attention_ref", "attention_source", "importance_kind",
-           "qk_from_qkv", "qk", "attention_importance", "importance", "AttentionProbe"]
+           "qk_from_qkv", "qk", "attention_importance", "importance", "AttentionProbe",
+           "RopeAttentionProbe", "probe_for"]
 
 IMPORTANCE_KINDS = ("cls", "received")
-SOURCE_FAMILIES = ("vit",)  # adapters whose units offer an attention source
+SOURCE_FAMILIES = ("vit", "eva")  # adapters whose units offer an attention source
 _COMPUTE = {torch.float64: torch.float64}
 
 
@@ -196,3 +203,86 @@ class AttentionProbe:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+class RopeAttentionProbe:
+    """:class:`AttentionProbe` for the attentions of timm's ``Eva`` (``EvaAttention``: DINOv3,
+    EVA-02; ``AttentionRope``: RoPE ViTs, Perception Encoder, Sapiens2): q and k as the attention
+    uses them (after ``q_norm`` / ``k_norm``, the patch tokens rotated by the block's rotary
+    table, prefix tokens not rotated; grouped kv heads repeated per query head, as in timm)."""
+
+    def __init__(self, attn: nn.Module, kind: str = "cls"):
+        missing = [a for a in ("q_norm", "k_norm", "num_heads", "num_prefix_tokens")
+                   if not hasattr(attn, a)]
+        if missing:
+            raise ValueError(f"{type(attn).__name__} is not a timm EvaAttention; missing: "
+                             f"{', '.join(missing)}")
+        if kind not in IMPORTANCE_KINDS:
+            raise ValueError(f"importance kind {kind!r} is not supported; supported: "
+                             f"{', '.join(IMPORTANCE_KINDS)}")
+        self.attn, self.kind = attn, kind
+        self._q = self._k = self._rope = None
+        self._handles = [
+            attn.register_forward_pre_hook(self._pre, with_kwargs=True),
+            attn.q_norm.register_forward_hook(lambda m, a, out: setattr(self, "_q", out)),
+            attn.k_norm.register_forward_hook(lambda m, a, out: setattr(self, "_k", out)),
+        ]
+
+    def _pre(self, module, args, kwargs):
+        self._rope = kwargs["rope"] if "rope" in kwargs else (args[1] if len(args) > 1 else None)
+
+    def qk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q, k)`` (B, heads, N, head_dim) of the last call, rotated as the attention did."""
+        if self._q is None or self._k is None:
+            raise RuntimeError(f"the probed {type(self.attn).__name__} has not run since the probe "
+                               "was attached (or since clear())")
+        q, k = self._q, self._k
+        rope = self._rope
+        if rope is not None:
+            from timm.layers import apply_rot_embed_cat
+
+            npt, half = self.attn.num_prefix_tokens, getattr(self.attn, "rotate_half", False)
+
+            def rotate(t):
+                r = rope
+                if r.dim() >= 3 and r.shape[-3] != 1:  # per-head tables (RoPE-Mixed); an
+                    r = r[..., :t.shape[1], :, :]      # elastic attention runs its first heads
+                return torch.cat([t[:, :, :npt], apply_rot_embed_cat(t[:, :, npt:], r, half=half)],
+                                 dim=2)
+            q, k = rotate(q), rotate(k)
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: query head h reads kv head
+            g = -(-q.shape[1] // k.shape[1])  # h // groups, as in timm (and its first heads)
+            k = k.repeat_interleave(getattr(self.attn, "num_kv_groups", g), dim=1)[:, :q.shape[1]]
+        return q, k
+
+    def importance(self) -> torch.Tensor:
+        """(B, N) importance of the tokens the attention last saw."""
+        q, k = self.qk()
+        return importance(q, k, self.kind, getattr(self.attn, "scale", None))
+
+    def clear(self) -> None:
+        self._q = self._k = self._rope = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()
+
+    def __enter__(self) -> "RopeAttentionProbe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def probe_for(attn: nn.Module, kind: str = "cls"):
+    """The probe of ``attn`` (an :func:`attention_source`): :class:`RopeAttentionProbe` for the
+    rotary attentions of timm's ``Eva`` (``EvaAttention``, ``AttentionRope``),
+    :class:`AttentionProbe` for a timm ``Attention``."""
+    from timm.layers.attention import AttentionRope
+    from timm.models.eva import EvaAttention
+
+    if isinstance(attn, (EvaAttention, AttentionRope)):
+        return RopeAttentionProbe(attn, kind)
+    return AttentionProbe(attn, kind)

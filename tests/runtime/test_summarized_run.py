@@ -244,3 +244,42 @@ def test_a_plan_priced_summarized_runs_as_planned(tmp_path, ckpt):
             timeout_s=200)
     (b,) = [b for k in r.ranks for b in k.boundaries.values()]
     assert b["wire"] == "int8" and b["payload_bytes"] < b["dense_fp32_bytes"] / 3
+
+
+@pytest.mark.parametrize("world,cuts,keep,wire", [(2, ["blocks.2"], 0.25, "int8"),
+                                                  (3, ["blocks.1", "blocks.2"], 0.5, "fp16")])
+def test_a_summarized_rope_eva_runs_dense_through_the_runtime(tmp_path, world, cuts, keep, wire):
+    """A DINOv3-style Eva (RoPE, class and 4 register tokens) with summarized boundaries: each
+    rank ranks its tokens by its last block's rotated attention, the next rank restores the full
+    sequence (the kept tokens keep their rotation); outputs match the same summary in one
+    process, bytes are the codec's."""
+    from lapdtr.summarize import summarized_forward
+
+    name, kw = "vit_small_patch16_dinov3", {"depth": 3, "num_classes": 10}
+    ck = informative_checkpoint(tmp_path / "eva.safetensors", name, kw, img_size=64)
+    cfg = RunConfig(model=name, model_kwargs=kw, img_size=64, world_size=world, cuts=cuts,
+                    requests=2, batch_size=2, out=str(tmp_path / "run"), save_outputs=True,
+                    plots=False, checkpoint=ck, summarize={"keep": keep, "wire": wire})
+    r = run(cfg, timeout_s=300)
+    assert r.completed == 2 and r.lost == 0
+    m = lapdtr.create_model(name, img_size=64, **kw)
+    m.load_state_dict(load_file(ck))
+    m.eval()
+    ul = lapdtr.units(m, 64)
+    outs = load_outputs(cfg.out)
+    for q in range(2):
+        x = request_input(cfg.seed, q, 2, 64)
+        with torch.no_grad():
+            want = summarized_forward(m, cuts, x, [(keep, wire)] * len(cuts), unit_list=ul)
+            full = m(x)
+        assert_close_scaled(outs[f"request{q}"], want, msg=f"request{q}")
+        assert (want - full).abs().max() > 1e-3 * full.abs().max()
+    sent = {u: b for k in r.ranks for u, b in k.boundaries.items()}
+    names = [u.name for u in ul]
+    for c in cuts:
+        before = ul[names.index(c) - 1]
+        codec = codec_for_unit(m, before, keep=keep, wire=wire)
+        assert codec.restore == "dense"
+        b = sent[before.name]
+        assert b["payload_bytes"] == 2 * codec.nbytes(2)
+        assert b["dense_fp32_bytes"] == 2 * 2 * (5 + 16) * 384 * 4
