@@ -117,7 +117,8 @@ def distribute(model, *, plan=None, cuts=None, devices=None, strategy: str = "la
               f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_CALLS['n']}/")
     cfg = RunConfig.from_dict({
         "model": name, "model_kwargs": dict(model_kwargs or {}), "img_size": img_size,
-        "world_size": world, "backend": backend, "devices": devices, "plan": plan,
+        "world_size": world, "mode": "pipeline", "backend": backend, "devices": devices,
+        "plan": plan,
         "cuts": list(cuts) if cuts is not None else None, "strategy": strategy,
         "objective": objective, "checkpoint": str(checkpoint) if checkpoint else None,
         "micro_batches": micro_batches, "max_inflight": max_inflight,

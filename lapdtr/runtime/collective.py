@@ -94,8 +94,9 @@ class ModeWorker:
         if cfg.mode == "tensor":
             from .tensor import proportions_from_devices
 
-            self.proportions = (list(cfg.proportions) if cfg.proportions is not None
-                                else proportions_from_devices(self.devices))
+            given = setup.get("proportions")  # the config's, or its plan's channel shares
+            self.proportions = list(given) if given is not None else \
+                proportions_from_devices(self.devices)
         elif cfg.aggregator == "weighted":
             from .ensemble import weights_from_devices
 

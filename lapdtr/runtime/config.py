@@ -17,7 +17,7 @@ from ..data.config import DataConfig, parse_data_config
 __all__ = ["FaultSpec", "RunConfig", "load_run_config", "MODES", "BACKENDS", "FAULT_KINDS",
            "SYNTHETIC_REQUESTS"]
 
-MODES = ("pipeline", "tensor", "ensemble")
+MODES = ("auto", "pipeline", "tensor", "ensemble")
 BACKENDS = ("auto", "gloo", "nccl")
 FAULT_KINDS = ("kill", "drain")
 SYNTHETIC_REQUESTS = 16  # requests of a synthetic run that does not say
@@ -67,6 +67,9 @@ class RunConfig:
     ``pin_cpus`` (gloo ranks): pin each rank to its own CPUs (``lapdtr.runtime.placement``).
     ``tune_malloc``: each rank keeps freed memory for reuse instead of faulting it in again
     (glibc; ``lapdtr.runtime.placement.tune_malloc``).
+    ``mode``: ``auto`` (the default: the mode that runs ``plan`` as it was made, pipeline
+    without a plan file; ``lapdtr.runtime.plan_modes``), ``pipeline``, ``tensor`` (a channel
+    split, a plan's channel shares as its proportions) or ``ensemble``.
     ``max_inflight``: items in flight;
     ``None`` keeps 2 per stage plus 2 per micro-batch, or one per stage plus 2 when the host's
     ranks share cores.
@@ -75,7 +78,7 @@ class RunConfig:
     model: str = "deit_tiny_patch16_224"
     model_kwargs: dict = field(default_factory=dict)
     img_size: int | None = None
-    mode: str = "pipeline"
+    mode: str = "auto"
     world_size: int = 2
     backend: str = "auto"
     devices: str | None = None
@@ -118,6 +121,7 @@ class RunConfig:
             raise ValueError(f"model_kwargs: expected a mapping, got {self.model_kwargs!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode: {self.mode!r} is not allowed; allowed: {list(MODES)}")
+        self._settle_mode()
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: {self.backend!r} is not allowed; allowed: {list(BACKENDS)}")
         check_int("world_size", self.world_size, 1)
@@ -203,6 +207,25 @@ class RunConfig:
         if self.resume is not None and not isinstance(self.resume, bool):
             raise ValueError(f"resume: expected true, false or null, got {self.resume!r}")
         return self
+
+    def _settle_mode(self) -> None:
+        """``auto``: the mode that runs the plan file as made (``plan_modes.mode_for_plan``;
+        ``pipeline`` without a plan file); an explicit mode is checked against the plan
+        (``plan_modes.check_plan_mode``)."""
+        plan = None
+        if self.plan is not None and Path(self.plan).is_file():
+            from ..plan.types import Plan
+
+            plan = Plan.load(self.plan)
+        if self.mode == "auto":
+            from .plan_modes import mode_for_plan
+
+            self.mode = mode_for_plan(plan, f"plan {self.plan}") if plan is not None \
+                else "pipeline"
+        elif plan is not None:
+            from .plan_modes import check_plan_mode
+
+            check_plan_mode(plan, self.mode, f"plan {self.plan}")
 
     def width_policy(self):
         """``elastic`` as a validated ``lapdtr.elastic.WidthPolicy`` (``None`` without it)."""

@@ -134,8 +134,11 @@ def resolve_plan(cfg: RunConfig, names: list[str], devices: list[DeviceProfile],
     from ..plan import IdleRanksWarning, idle_ranks
 
     if cfg.plan is not None:
+        from .plan_modes import check_plan_mode
+
         plan = Plan.load(cfg.plan)
         where = f"plan {cfg.plan}"
+        check_plan_mode(plan, "pipeline", where)
         if cfg.devices is None:
             devices = default_rank_devices(len(plan.devices), names=list(plan.devices))
         elif [d.name for d in devices] != list(plan.devices):
@@ -228,6 +231,9 @@ def _prepare_collective(cfg, world_size, out, ckpt, img_size, devices):
         raise ValueError(f"devices: {len(devices)} device(s) for {world_size} ranks; mode "
                          f"{cfg.mode!r} runs one device per rank")
     ckpts = [str(ckpt)] * world_size
+    proportions = list(cfg.proportions) if cfg.proportions is not None else None
+    if cfg.plan is not None:
+        proportions = _plan_proportions(cfg, world_size, devices, proportions)
     if cfg.mode == "ensemble":
         from .collective import ensemble_model_names
         from .ensemble import list_aggregators
@@ -242,4 +248,29 @@ def _prepare_collective(cfg, world_size, out, ckpt, img_size, devices):
                 write_checkpoint(path, name, model_kwargs=cfg.model_kwargs, seed=cfg.seed + r)
             ckpts.append(str(path))
     return {"checkpoint": str(ckpt), "checkpoints": ckpts, "img_size": img_size, "plan": None,
+            "proportions": proportions,
             "devices": [d.to_dict() for d in devices[:world_size]], "t0": time.time()}
+
+
+def _plan_proportions(cfg, world_size, devices, given):
+    """A tensor run's split proportions from its plan file: the plan's per-rank channel shares
+    (``proportions_from_plan``), unless the config gives ``proportions`` itself."""
+    from .plan_modes import check_plan_mode
+    from .tensor import proportions_from_plan
+
+    plan = Plan.load(cfg.plan)
+    where = f"plan {cfg.plan}"
+    if plan.model != cfg.model:
+        raise ValueError(f"{where}: is for model {plan.model!r}, the config runs {cfg.model!r}")
+    check_plan_mode(plan, cfg.mode, where)
+    if [d.name for d in devices[:len(plan.devices)]] != list(plan.devices) and \
+            cfg.devices is not None:
+        raise ValueError(f"{where}: is for devices {list(plan.devices)}, but {cfg.devices} "
+                         f"lists {[d.name for d in devices]} (same names, in rank order)")
+    if given is not None:
+        return given
+    props = proportions_from_plan(plan)
+    if len(props) != world_size:
+        raise ValueError(f"{where}: splits channels over {len(props)} rank(s), but "
+                         f"{world_size} were launched; launch {len(props)}")
+    return props

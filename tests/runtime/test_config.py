@@ -27,7 +27,7 @@ def test_unknown_key_names_it_and_allowed(tmp_path):
 
 
 @pytest.mark.parametrize("data, match", [
-    ({"mode": "spiral"}, r"mode: 'spiral' is not allowed; allowed: \['pipeline', 'tensor', 'ensemble'\]"),
+    ({"mode": "spiral"}, r"mode: 'spiral' is not allowed; allowed: \['auto', 'pipeline', 'tensor', 'ensemble'\]"),
     ({"backend": "mpi"}, r"backend: 'mpi' is not allowed"),
     ({"world_size": 0}, r"world_size: expected an integer >= 1, got 0"),
     ({"requests": "many"}, r"requests: expected int, got 'many'"),
