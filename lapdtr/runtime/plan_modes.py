@@ -22,22 +22,66 @@ from __future__ import annotations
 
 import warnings
 
-__all__ = ["plan_parts", "mode_for_plan", "check_plan_mode", "FusedBlocksNotRealized"]
+__all__ = ["plan_parts", "mode_for_plan", "check_plan_mode", "check_shards",
+           "FusedBlocksNotRealized"]
 
 
 class FusedBlocksNotRealized(UserWarning):
     """A fused-block (ensembled) plan runs in tensor mode as a per-unit channel split."""
 
 
+def check_shards(plan, unit_names=None, where: str = "plan") -> None:
+    """``plan.shards`` are well formed: each on a known axis, of a unit the plan's stages list
+    and the model has (when ``unit_names`` is given), the shards of a unit on one axis, non-empty, on distinct ranks,
+    tiling ``[0, stop)`` without a gap or an overlap; a row shard's halo at least 0 and at most
+    its tile's rows. ``ValueError`` naming the first shard that is not."""
+    by_unit: dict[str, list] = {}
+    listed = {u for st in plan.stages for u in st.units}
+    for s in plan.shards:
+        if s.axis not in ("channels", "rows"):
+            raise ValueError(f"{where}: a shard of unit {s.unit!r} is on axis {s.axis!r}; "
+                             "allowed axes: channels, rows")
+        if unit_names is not None and s.unit not in unit_names:
+            raise ValueError(f"{where}: has shards of unit {s.unit!r}, which {plan.model!r} does "
+                             f"not have; its units: {', '.join(unit_names)}")
+        if s.unit not in listed:
+            raise ValueError(f"{where}: has shards of unit {s.unit!r}, which none of its stages "
+                             f"lists; its units: {', '.join(sorted(listed))}")
+        if s.stop <= s.start or s.start < 0:
+            raise ValueError(f"{where}: the {s.axis} shard of unit {s.unit!r} on rank {s.rank} is "
+                             f"empty or negative: [{s.start}, {s.stop})")
+        if s.axis == "rows" and not 0 <= s.halo <= s.stop - s.start:
+            raise ValueError(f"{where}: the row shard of unit {s.unit!r} on rank {s.rank} has a "
+                             f"halo of {s.halo} rows around a tile of {s.stop - s.start}; allowed: "
+                             f"0 .. {s.stop - s.start}")
+        by_unit.setdefault(s.unit, []).append(s)
+    for unit, shards in by_unit.items():
+        axes = sorted({s.axis for s in shards})
+        if len(axes) > 1:
+            raise ValueError(f"{where}: unit {unit!r} is split on both axes {axes}; a unit is "
+                             "split on one axis")
+        ranks = [s.rank for s in shards]
+        dup = sorted({r for r in ranks if ranks.count(r) > 1})
+        if dup:
+            raise ValueError(f"{where}: rank(s) {dup} hold more than one {axes[0]} shard of unit "
+                             f"{unit!r}; one per rank")
+        end = 0
+        for s in sorted(shards, key=lambda s: s.start):
+            if s.start != end:
+                what = "a gap" if s.start > end else "an overlap"
+                raise ValueError(f"{where}: the {axes[0]} shards of unit {unit!r} leave {what} at "
+                                 f"{min(end, s.start)}..{max(end, s.start)} (rank {s.rank}'s "
+                                 f"shard starts at {s.start}); shards tile 0..stop exactly")
+            end = s.stop
+
+
 def plan_parts(plan) -> dict[str, str]:
     """The parts of ``plan``: ``{part: what it holds}``, parts ``stages``, ``channels``,
-    ``fused_blocks``, ``rows``."""
+    ``fused_blocks``, ``rows`` (its shards checked by :func:`check_shards` first)."""
+    check_shards(plan)
     parts: dict[str, str] = {}
     rows = [s for s in plan.shards if s.axis == "rows"]
     chans = [s for s in plan.shards if s.axis == "channels"]
-    other = sorted({s.axis for s in plan.shards} - {"rows", "channels"})
-    if other:
-        raise ValueError(f"plan: shards on axis {other}; allowed axes: channels, rows")
     if rows:
         units = sorted({s.unit for s in rows})
         parts["rows"] = (f"{len(rows)} row shards with halos of {len(units)} unit(s) "

@@ -134,10 +134,11 @@ def resolve_plan(cfg: RunConfig, names: list[str], devices: list[DeviceProfile],
     from ..plan import IdleRanksWarning, idle_ranks
 
     if cfg.plan is not None:
-        from .plan_modes import check_plan_mode
+        from .plan_modes import check_plan_mode, check_shards
 
         plan = Plan.load(cfg.plan)
         where = f"plan {cfg.plan}"
+        check_shards(plan, names, where)
         check_plan_mode(plan, "pipeline", where)
         if cfg.devices is None:
             devices = default_rank_devices(len(plan.devices), names=list(plan.devices))
@@ -216,7 +217,7 @@ def prepare(cfg: RunConfig, world_size: int) -> dict:
     else:
         devices = default_devices(world_size)
     if cfg.mode != "pipeline":
-        return _prepare_collective(cfg, world_size, out, ckpt, img_size, devices)
+        return _prepare_collective(cfg, world_size, out, ckpt, img_size, devices, ul)
     plan, devices = resolve_plan(cfg, [u.name for u in ul], devices, world_size, img_size)
     from .summary import settle_plan
 
@@ -226,14 +227,14 @@ def prepare(cfg: RunConfig, world_size: int) -> dict:
             "devices": [d.to_dict() for d in devices], "t0": time.time()}
 
 
-def _prepare_collective(cfg, world_size, out, ckpt, img_size, devices):
+def _prepare_collective(cfg, world_size, out, ckpt, img_size, devices, ul):
     if len(devices) < world_size:
         raise ValueError(f"devices: {len(devices)} device(s) for {world_size} ranks; mode "
                          f"{cfg.mode!r} runs one device per rank")
     ckpts = [str(ckpt)] * world_size
     proportions = list(cfg.proportions) if cfg.proportions is not None else None
     if cfg.plan is not None:
-        proportions = _plan_proportions(cfg, world_size, devices, proportions)
+        proportions = _plan_proportions(cfg, world_size, devices, proportions, ul)
     if cfg.mode == "ensemble":
         from .collective import ensemble_model_names
         from .ensemble import list_aggregators
@@ -252,16 +253,17 @@ def _prepare_collective(cfg, world_size, out, ckpt, img_size, devices):
             "devices": [d.to_dict() for d in devices[:world_size]], "t0": time.time()}
 
 
-def _plan_proportions(cfg, world_size, devices, given):
+def _plan_proportions(cfg, world_size, devices, given, ul):
     """A tensor run's split proportions from its plan file: the plan's per-rank channel shares
     (``proportions_from_plan``), unless the config gives ``proportions`` itself."""
-    from .plan_modes import check_plan_mode
+    from .plan_modes import check_plan_mode, check_shards
     from .tensor import proportions_from_plan
 
     plan = Plan.load(cfg.plan)
     where = f"plan {cfg.plan}"
     if plan.model != cfg.model:
         raise ValueError(f"{where}: is for model {plan.model!r}, the config runs {cfg.model!r}")
+    check_shards(plan, [u.name for u in ul], where)
     check_plan_mode(plan, cfg.mode, where)
     if [d.name for d in devices[:len(plan.devices)]] != list(plan.devices) and \
             cfg.devices is not None:
