@@ -17,7 +17,8 @@ from .calibrate import (CALIBRATION_KEEPS, Calibration, CalibrationRow, boundary
                         calibrate_keep, summarized_forward)
 from .codec import RESTORES, BoundaryCodec, codec_for_unit, restore_rule
 from .importance import (IMPORTANCE_KINDS, SOURCE_FAMILIES, AttentionProbe, RopeAttentionProbe,
-                         attention_importance, probe_for,
+                         WindowAttentionProbe, attention_importance, probe_for,
+                         window_received_attention,
                          attention_source, cls_importance, cls_importance_ref, importance,
                          importance_kind, qk, qk_from_qkv, received_attention,
                          received_attention_ref)
@@ -32,7 +33,8 @@ __all__ = [
     "CALIBRATION_KEEPS", "Calibration", "CalibrationRow", "boundary_codecs", "calibrate_keep",
     "summarized_forward",
     "BoundaryCodec", "RESTORES", "codec_for_unit", "restore_rule",
-    "IMPORTANCE_KINDS", "SOURCE_FAMILIES", "AttentionProbe", "RopeAttentionProbe", "probe_for",
+    "IMPORTANCE_KINDS", "SOURCE_FAMILIES", "AttentionProbe", "RopeAttentionProbe",
+    "WindowAttentionProbe", "probe_for", "window_received_attention",
     "attention_importance",
     "attention_source", "cls_importance", "cls_importance_ref", "importance", "importance_kind",
     "qk", "qk_from_qkv", "received_attention", "received_attention_ref",

@@ -31,10 +31,11 @@ from . import dispatch
 __all__ = ["IMPORTANCE_KINDS", "SOURCE_FAMILIES", "cls_importance", "cls_importance_ref",
            "received_attention", "received_attention_ref", "attention_source", "importance_kind",
            "qk_from_qkv", "qk", "attention_importance", "importance", "AttentionProbe",
-           "RopeAttentionProbe", "probe_for"]
+           "RopeAttentionProbe", "WindowAttentionProbe", "window_received_attention",
+           "probe_for"]
 
 IMPORTANCE_KINDS = ("cls", "received")
-SOURCE_FAMILIES = ("vit", "eva")  # adapters whose units offer an attention source
+SOURCE_FAMILIES = ("vit", "eva", "tiny_vit")  # adapters whose units offer an attention source
 _COMPUTE = {torch.float64: torch.float64}
 
 
@@ -95,8 +96,10 @@ def _unit_name(unit) -> str:
 
 
 def attention_source(model: nn.Module, unit) -> nn.Module:
-    """The attention module whose scores rank the output tokens of ``unit`` (a :class:`Unit`, a
-    unit name or index): for a ``vit`` block unit ``blocks.i``, ``model.blocks[i].attn``."""
+    """The module whose attention scores rank the output tokens of ``unit`` (a :class:`Unit`, a
+    unit name or index): for a ``vit`` or ``eva`` block unit ``blocks.i``,
+    ``model.blocks[i].attn``; for a ``tiny_vit`` block unit ``stages.i.blocks.j``, the block
+    itself (its window attention, :class:`WindowAttentionProbe`)."""
     from lapdtr.models import get_adapter, units as list_units
 
     family = get_adapter(model).name
@@ -110,6 +113,19 @@ def attention_source(model: nn.Module, unit) -> nn.Module:
         unit = names[unit]
     name = _unit_name(unit)
     parts = name.split(".")
+    if family == "tiny_vit":
+        from timm.models.tiny_vit import TinyVitBlock
+
+        if len(parts) == 4 and parts[0] == "stages" and parts[2] == "blocks" \
+                and parts[1].isdigit() and parts[3].isdigit() \
+                and int(parts[1]) < len(model.stages):
+            blocks = getattr(model.stages[int(parts[1])], "blocks", ())
+            if int(parts[3]) < len(blocks) and isinstance(blocks[int(parts[3])], TinyVitBlock):
+                return blocks[int(parts[3])]
+        have = [f"stages.{i}.blocks.{j}" for i, st in enumerate(model.stages)
+                for j, b in enumerate(getattr(st, "blocks", ())) if isinstance(b, TinyVitBlock)]
+        raise ValueError(f"unit {name!r} of the tiny_vit model has no attention; units with one: "
+                         f"{have[0]} .. {have[-1]} (the attention blocks of its stages)")
     if len(parts) == 2 and parts[0] == "blocks" and parts[1].isdigit() \
             and int(parts[1]) < len(model.blocks):
         return model.blocks[int(parts[1])].attn
@@ -276,13 +292,99 @@ class RopeAttentionProbe:
         self.remove()
 
 
+def window_received_attention(q: torch.Tensor, k: torch.Tensor, scale: float,
+                              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention each token of a window receives, averaged over the window's queries and the
+    heads: ``q``, ``k`` (windows, heads, N, d), ``bias`` (heads, N, N) added to the logits (a
+    TinyViT window's relative-position bias); (windows, N). PyTorch only: a window's N x N
+    scores (49 x 49 for TinyViT) are small, no kernel needed."""
+    ct = _COMPUTE.get(q.dtype, torch.float32)
+    s = (q.to(ct) * scale) @ k.to(ct).transpose(-2, -1)
+    if bias is not None:
+        s = s + bias.to(ct)
+    return s.softmax(-1).mean(2).mean(1)
+
+
+class WindowAttentionProbe:
+    """:class:`AttentionProbe` for a TinyViT block (timm ``TinyVitBlock``): its window attention
+    with the relative-position bias of each window (``attn.get_attention_biases``), ranked by the
+    attention each token receives in its window (``"received"``: TinyViT has no class token),
+    the windows put back on the block's ``H x W`` grid (padding cropped) in row-major order, the
+    order of :func:`lapdtr.summarize.map_to_tokens`. Reads the attention's normalized input (a
+    hook on ``attn.norm``), so an elastic attention at reduced width (its first heads) is ranked
+    by the heads it ran."""
+
+    def __init__(self, block: nn.Module, kind: str = "received"):
+        if kind != "received":
+            raise ValueError(f"importance kind {kind!r} is not supported for a TinyViT window "
+                             "attention (no class token); supported: received")
+        missing = [a for a in ("attn", "window_size") if not hasattr(block, a)]
+        if missing:
+            raise ValueError(f"{type(block).__name__} is not a timm TinyVitBlock; missing: "
+                             f"{', '.join(missing)}")
+        self.block, self.attn, self.kind = block, block.attn, kind
+        self._x = self._shape = None
+        self._handles = [
+            block.register_forward_pre_hook(
+                lambda m, args: setattr(self, "_shape", tuple(args[0].shape))),
+            self.attn.norm.register_forward_hook(lambda m, a, out: setattr(self, "_x", out)),
+        ]
+
+    def qk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q, k)`` (windows, heads, N, key_dim) of the last call, over the heads it ran."""
+        if self._x is None or self._shape is None:
+            raise RuntimeError(f"the probed {type(self.block).__name__} has not run since the probe "
+                               "was attached (or since clear())")
+        a, x = self.attn, self._x
+        heads = int(getattr(a, "heads_now", a.num_heads))
+        per = 2 * a.key_dim + a.val_dim
+        b = a.qkv.bias
+        qkv = torch.nn.functional.linear(x, a.qkv.weight[:heads * per],
+                                         None if b is None else b[:heads * per])
+        q, k, _ = qkv.view(x.shape[0], x.shape[1], heads, per).split(
+            [a.key_dim, a.key_dim, a.val_dim], dim=3)
+        return q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3)
+
+    def importance(self) -> torch.Tensor:
+        """(B, H * W) importance of the block's grid positions, row-major."""
+        q, k = self.qk()
+        bias = self.attn.get_attention_biases(q.device)[:q.shape[1]]
+        imp = window_received_attention(q, k, self.attn.scale, bias)
+        B, H, W = self._shape[:3]
+        ws = self.block.window_size
+        if H == ws and W == ws:
+            return imp.reshape(B, H * W)
+        pH, pW = H + (ws - H % ws) % ws, W + (ws - W % ws) % ws
+        grid = imp.view(B, pH // ws, pW // ws, ws, ws).transpose(2, 3).reshape(B, pH, pW)
+        return grid[:, :H, :W].reshape(B, H * W)
+
+    def clear(self) -> None:
+        self._x = self._shape = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()
+
+    def __enter__(self) -> "WindowAttentionProbe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
 def probe_for(attn: nn.Module, kind: str = "cls"):
-    """The probe of ``attn`` (an :func:`attention_source`): :class:`RopeAttentionProbe` for the
+    """The probe of ``attn`` (an :func:`attention_source`): :class:`WindowAttentionProbe` for a
+    TinyViT block, :class:`RopeAttentionProbe` for the
     rotary attentions of timm's ``Eva`` (``EvaAttention``, ``AttentionRope``),
     :class:`AttentionProbe` for a timm ``Attention``."""
     from timm.layers.attention import AttentionRope
     from timm.models.eva import EvaAttention
+    from timm.models.tiny_vit import TinyVitBlock
 
+    if isinstance(attn, TinyVitBlock):
+        return WindowAttentionProbe(attn, kind)
     if isinstance(attn, (EvaAttention, AttentionRope)):
         return RopeAttentionProbe(attn, kind)
     return AttentionProbe(attn, kind)

@@ -283,3 +283,36 @@ def test_a_summarized_rope_eva_runs_dense_through_the_runtime(tmp_path, world, c
         b = sent[before.name]
         assert b["payload_bytes"] == 2 * codec.nbytes(2)
         assert b["dense_fp32_bytes"] == 2 * 2 * (5 + 16) * 384 * 4
+
+
+def test_a_summarized_tiny_vit_runs_dense_through_the_runtime(tmp_path):
+    """TinyViT: the rank before the cut ranks its grid by the window attention its last block
+    received, the next rank gets the full map back; outputs match the same summary in one
+    process. In fp32: int8 codes of TinyViT's conv outputs flip by one step between processes
+    (1e-7 differences from other conv algorithms at another thread count), which moves the
+    logits by ~1e-4 of their size."""
+    from lapdtr.summarize import summarized_forward
+
+    name, kw = "tiny_vit_5m_224", {"num_classes": 10}
+    ck = informative_checkpoint(tmp_path / "tv.safetensors", name, kw, img_size=160)
+    cut = "stages.2.blocks.2"  # after stages.2.blocks.1 (a 10 x 10 map, padded windows of 14)
+    cfg = RunConfig(model=name, model_kwargs=kw, img_size=160, world_size=2, cuts=[cut],
+                    requests=2, batch_size=2, out=str(tmp_path / "run"), save_outputs=True,
+                    plots=False, checkpoint=ck, summarize={"keep": 0.25, "wire": "fp32"})
+    r = run(cfg, timeout_s=300)
+    assert r.completed == 2 and r.lost == 0
+    m = lapdtr.create_model(name, img_size=160, **kw)
+    m.load_state_dict(load_file(ck))
+    m.eval()
+    ul = lapdtr.units(m, 160)
+    outs = load_outputs(cfg.out)
+    for q in range(2):
+        x = request_input(cfg.seed, q, 2, 160)
+        with torch.no_grad():
+            want = summarized_forward(m, [cut], x, [(0.25, "fp32")], unit_list=ul)
+            full = m(x)
+        assert_close_scaled(outs[f"request{q}"], want, msg=f"request{q}")
+        assert (want - full).abs().max() > 1e-3 * full.abs().max()
+    (b,) = [b for k in r.ranks for b in k.boundaries.values()]
+    before = ul[[u.name for u in ul].index(cut) - 1]
+    assert b["payload_bytes"] == 2 * codec_for_unit(m, before, keep=0.25, wire="fp32").nbytes(2)
