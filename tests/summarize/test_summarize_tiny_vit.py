@@ -114,3 +114,22 @@ def test_units_without_window_attention_are_named():
         attention_source(m, "stages.0")
     with pytest.raises(ValueError, match=r"kind 'cls' is not supported for a TinyViT window"):
         WindowAttentionProbe(m.stages[1].blocks[0], "cls")
+
+
+def test_an_elastic_window_attention_is_ranked_by_the_heads_it_ran(monkeypatch):
+    from lapdtr.elastic import make_elastic, set_width
+
+    m, x = _model(224)
+    make_elastic(m)
+    set_width(m, 0.5)
+    ul = lapdtr.units(m, 224)
+    name = "stages.2.blocks.0"
+    block = attention_source(m, name)
+    stage = partition_upto(m, ul, [u.name for u in ul].index(name) + 1)
+    with probe_for(block, "received") as probe:
+        A = _sdpa_probabilities(lambda: stage(x), monkeypatch)[-1]
+        got = probe.importance()
+        assert A.shape[1] == block.attn.heads_now < block.attn.num_heads
+        B, H, W, C = probe._shape
+    assert H == W == block.window_size  # 14 x 14: one window, no partition
+    torch.testing.assert_close(got, A.mean(2).mean(1).reshape(B, H * W), rtol=1e-5, atol=1e-7)
