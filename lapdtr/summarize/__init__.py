@@ -17,7 +17,8 @@ from .calibrate import (CALIBRATION_KEEPS, Calibration, CalibrationRow, boundary
                         calibrate_keep, summarized_forward)
 from .codec import RESTORES, BoundaryCodec, codec_for_unit, restore_rule
 from .importance import (IMPORTANCE_KINDS, SOURCE_FAMILIES, AttentionProbe, RopeAttentionProbe,
-                         WindowAttentionProbe, attention_importance, probe_for,
+                         WindowAttentionProbe, LinearAttentionProbe, attention_importance,
+                         linear_received_attention, linear_received_attention_ref, probe_for,
                          window_received_attention,
                          attention_source, cls_importance, cls_importance_ref, importance,
                          importance_kind, qk, qk_from_qkv, received_attention,
@@ -34,7 +35,8 @@ __all__ = [
     "summarized_forward",
     "BoundaryCodec", "RESTORES", "codec_for_unit", "restore_rule",
     "IMPORTANCE_KINDS", "SOURCE_FAMILIES", "AttentionProbe", "RopeAttentionProbe",
-    "WindowAttentionProbe", "probe_for", "window_received_attention",
+    "WindowAttentionProbe", "probe_for", "window_received_attention", "LinearAttentionProbe",
+    "linear_received_attention", "linear_received_attention_ref",
     "attention_importance",
     "attention_source", "cls_importance", "cls_importance_ref", "importance", "importance_kind",
     "qk", "qk_from_qkv", "received_attention", "received_attention_ref",

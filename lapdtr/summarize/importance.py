@@ -32,10 +32,12 @@ __all__ = ["IMPORTANCE_KINDS", "SOURCE_FAMILIES", "cls_importance", "cls_importa
            "received_attention", "received_attention_ref", "attention_source", "importance_kind",
            "qk_from_qkv", "qk", "attention_importance", "importance", "AttentionProbe",
            "RopeAttentionProbe", "WindowAttentionProbe", "window_received_attention",
+           "LinearAttentionProbe", "linear_received_attention", "linear_received_attention_ref",
            "probe_for"]
 
 IMPORTANCE_KINDS = ("cls", "received")
-SOURCE_FAMILIES = ("vit", "eva", "tiny_vit")  # adapters whose units offer an attention source
+# adapters whose units offer an attention source
+SOURCE_FAMILIES = ("vit", "eva", "tiny_vit", "efficientvit_b")
 _COMPUTE = {torch.float64: torch.float64}
 
 
@@ -99,7 +101,8 @@ def attention_source(model: nn.Module, unit) -> nn.Module:
     """The module whose attention scores rank the output tokens of ``unit`` (a :class:`Unit`, a
     unit name or index): for a ``vit`` or ``eva`` block unit ``blocks.i``,
     ``model.blocks[i].attn``; for a ``tiny_vit`` block unit ``stages.i.blocks.j``, the block
-    itself (its window attention, :class:`WindowAttentionProbe`)."""
+    itself (its window attention, :class:`WindowAttentionProbe`); for an ``efficientvit_b``
+    EfficientViT block, its ``LiteMLA`` (:class:`LinearAttentionProbe`)."""
     from lapdtr.models import get_adapter, units as list_units
 
     family = get_adapter(model).name
@@ -126,6 +129,20 @@ def attention_source(model: nn.Module, unit) -> nn.Module:
                 for j, b in enumerate(getattr(st, "blocks", ())) if isinstance(b, TinyVitBlock)]
         raise ValueError(f"unit {name!r} of the tiny_vit model has no attention; units with one: "
                          f"{have[0]} .. {have[-1]} (the attention blocks of its stages)")
+    if family == "efficientvit_b":
+        from timm.models.efficientvit_mit import EfficientVitBlock
+
+        if len(parts) == 4 and parts[0] == "stages" and parts[2] == "blocks" \
+                and parts[1].isdigit() and parts[3].isdigit() \
+                and int(parts[1]) < len(model.stages):
+            blocks = model.stages[int(parts[1])].blocks
+            if int(parts[3]) < len(blocks) and isinstance(blocks[int(parts[3])],
+                                                            EfficientVitBlock):
+                return blocks[int(parts[3])].context_module.main
+        have = [f"stages.{i}.blocks.{j}" for i, st in enumerate(model.stages)
+                for j, b in enumerate(st.blocks) if isinstance(b, EfficientVitBlock)]
+        raise ValueError(f"unit {name!r} of the efficientvit_b model has no attention; units "
+                         f"with one: {', '.join(have)} (its EfficientViT blocks)")
     if len(parts) == 2 and parts[0] == "blocks" and parts[1].isdigit() \
             and int(parts[1]) < len(model.blocks):
         return model.blocks[int(parts[1])].attn
@@ -374,9 +391,76 @@ class WindowAttentionProbe:
         self.remove()
 
 
+def linear_received_attention_ref(q: torch.Tensor, k: torch.Tensor, eps: float) -> torch.Tensor:
+    """Reference of :func:`linear_received_attention` with the explicit N x N attention."""
+    q, k = q.double(), k.double()
+    s = q @ k.transpose(-2, -1)
+    return (s / (s.sum(-1, keepdim=True) + eps)).mean(2).mean(1).float()
+
+
+def linear_received_attention(q: torch.Tensor, k: torch.Tensor, eps: float) -> torch.Tensor:
+    """The attention each token receives in ReLU linear attention (EfficientViT-B's ``LiteMLA``:
+    ``a_ij = q_i.k_j / (q_i.sum_j k_j + eps)`` with ``q``, ``k`` after the kernel function),
+    averaged over queries and heads, in O(N d): ``sum_i a_ij = k_j . sum_i q_i / z_i``.
+    ``q``, ``k``: (B, heads, N, d); returns (B, N) float32."""
+    q, k = q.float(), k.float()
+    z = q @ k.sum(-2).unsqueeze(-1)                       # (B, H, N, 1): q_i . sum_j k_j
+    w = (q / (z + eps)).sum(-2)                            # (B, H, d)
+    return (k @ w.unsqueeze(-1)).squeeze(-1).mean(1) / q.shape[-2]
+
+
+class LinearAttentionProbe:
+    """:class:`AttentionProbe` for EfficientViT-B's multi-scale ReLU linear attention (timm
+    ``LiteMLA``): q and k after its kernel function (a hook on ``kernel_func``, which it calls
+    on q, then on k), every scale's heads; importance ``"received"``
+    (:func:`linear_received_attention`) per position of the block's map, row-major."""
+
+    def __init__(self, attn: nn.Module, kind: str = "received"):
+        if kind != "received":
+            raise ValueError(f"importance kind {kind!r} is not supported for a linear attention "
+                             "(no class token); supported: received")
+        missing = [a for a in ("kernel_func", "eps", "qkv") if not hasattr(attn, a)]
+        if missing:
+            raise ValueError(f"{type(attn).__name__} is not a timm LiteMLA; missing: "
+                             f"{', '.join(missing)}")
+        self.attn, self.kind = attn, kind
+        self._seen: list[torch.Tensor] = []
+        self._handles = [
+            attn.register_forward_pre_hook(lambda m, a: self._seen.clear()),
+            attn.kernel_func.register_forward_hook(lambda m, a, out: self._seen.append(out)),
+        ]
+
+    def qk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self._seen) != 2:
+            raise RuntimeError(f"the probed {type(self.attn).__name__} has not run since the probe "
+                               "was attached (or since clear())")
+        return self._seen[0], self._seen[1]
+
+    def importance(self) -> torch.Tensor:
+        """(B, H * W) importance of the block's map positions, row-major."""
+        q, k = self.qk()
+        return linear_received_attention(q, k, self.attn.eps)
+
+    def clear(self) -> None:
+        self._seen.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()
+
+    def __enter__(self) -> "LinearAttentionProbe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
 def probe_for(attn: nn.Module, kind: str = "cls"):
     """The probe of ``attn`` (an :func:`attention_source`): :class:`WindowAttentionProbe` for a
-    TinyViT block, :class:`RopeAttentionProbe` for the
+    TinyViT block, :class:`LinearAttentionProbe` for EfficientViT-B's ``LiteMLA``,
+    :class:`RopeAttentionProbe` for the
     rotary attentions of timm's ``Eva`` (``EvaAttention``, ``AttentionRope``),
     :class:`AttentionProbe` for a timm ``Attention``."""
     from timm.layers.attention import AttentionRope
@@ -385,6 +469,10 @@ def probe_for(attn: nn.Module, kind: str = "cls"):
 
     if isinstance(attn, TinyVitBlock):
         return WindowAttentionProbe(attn, kind)
+    from timm.models.efficientvit_mit import LiteMLA
+
+    if isinstance(attn, LiteMLA):
+        return LinearAttentionProbe(attn, kind)
     if isinstance(attn, (EvaAttention, AttentionRope)):
         return RopeAttentionProbe(attn, kind)
     return AttentionProbe(attn, kind)
