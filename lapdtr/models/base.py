@@ -33,7 +33,9 @@ class Unit:
     owns; ``fn(host, x)`` runs the unit. ``in_format``/``out_format`` say what passes between units:
     ``image`` (B,3,H,W), ``tokens`` (B,N,C), ``map`` (B,C,H,W), ``map_nhwc`` (B,H,W,C) or
     ``logits`` (B,K). ``out_shape`` is measured for batch 1 at the image size given to
-    :func:`units`.
+    :func:`units`. ``attention``: the dotted name of the module whose attention ranks the unit's
+    output tokens (``lapdtr.summarize.attention_source``, ``probe_for``), ``None`` for a unit
+    without one.
     """
 
     index: int
@@ -45,6 +47,7 @@ class Unit:
     out_format: str = "tokens"
     in_shape: tuple[int, ...] = ()
     out_shape: tuple[int, ...] = ()
+    attention: str | None = None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(dataclasses.replace(self, fn=None))
@@ -64,6 +67,7 @@ class UnitSpec:
     modules: tuple[str, ...]
     fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     out_format: str
+    attention: str | None = None
 
     def __post_init__(self):
         assert self.kind in UNIT_KINDS, self.kind
@@ -294,7 +298,7 @@ def units(model: nn.Module, img_size: int | None = None, *, batch_size: int = 1)
                         f"{adapter.name} model {type(model).__name__} cannot take image size "
                         f"{img_size}: unit {s.name!r} failed with: {e}") from e
                 out.append(Unit(i, s.name, s.kind, s.modules, s.fn, fmt, s.out_format, in_shape,
-                                tuple(x.shape)))
+                                tuple(x.shape), s.attention))
                 fmt = s.out_format
     finally:
         model.train(was_training)

@@ -26,7 +26,9 @@ def _call(path):
     return fn
 
 
-def _stage_units(model, stem_name):
+def _stage_units(model, stem_name, attention=None):
+    """Stem, downsample and block units; ``attention(block)``: the dotted name, under the block,
+    of the module whose attention ranks its output (``None``: none)."""
     specs = [UnitSpec(stem_name, "embed", (stem_name,), _call(stem_name), "map")]
     for i, stage in enumerate(model.stages):
         ds = stage._modules.get("downsample")
@@ -35,7 +37,9 @@ def _stage_units(model, stem_name):
             specs.append(UnitSpec(name, "stage", (name,), _call(name), "map"))
         for j in range(len(stage.blocks)):
             name = f"stages.{i}.blocks.{j}"
-            specs.append(UnitSpec(name, "block", (name,), _call(name), "map"))
+            sub = attention(stage.blocks[j]) if attention is not None else None
+            specs.append(UnitSpec(name, "block", (name,), _call(name), "map",
+                                  attention=f"{name}.{sub}" if sub else None))
     return specs
 
 
@@ -57,6 +61,9 @@ def efficientvit_msra_units(model):
                   examples=["efficientvit_b0"])
 def efficientvit_mit_units(model):
     """EfficientViT-B (MIT): stem, blocks, head."""
-    specs = _stage_units(model, "stem")
+    from timm.models.efficientvit_mit import EfficientVitBlock
+
+    specs = _stage_units(model, "stem", lambda b: "context_module.main"  # LiteMLA
+                         if isinstance(b, EfficientVitBlock) else None)
     specs.append(UnitSpec("head", "head", ("head",), _msra_head, "logits"))
     return specs

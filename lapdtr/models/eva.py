@@ -114,7 +114,7 @@ def eva_units(model):
                       _embed, "tokens")]
     for i in range(len(model.blocks)):
         specs.append(UnitSpec(f"blocks.{i}", "block", (f"blocks.{i}", *rope), _block(i),
-                              "tokens"))
+                              "tokens", attention=f"blocks.{i}.attn"))
     specs.append(UnitSpec("head", "head",
                           present(model, "norm", "attn_pool", "fc_norm", "head_drop", "head"),
                           _head, "logits"))

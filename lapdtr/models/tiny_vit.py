@@ -53,6 +53,7 @@ def tiny_vit_units(model):
         n = len(stage.blocks)
         for j in range(n):
             specs.append(UnitSpec(f"stages.{i}.blocks.{j}", "block", (f"stages.{i}.blocks.{j}",),
-                                  _block(i, j, j == n - 1), "map" if j == n - 1 else "map_nhwc"))
+                                  _block(i, j, j == n - 1), "map" if j == n - 1 else "map_nhwc",
+                                  attention=f"stages.{i}.blocks.{j}"))  # window attention
     specs.append(UnitSpec("head", "head", ("head",), _head, "logits"))
     return specs

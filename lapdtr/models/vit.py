@@ -41,7 +41,8 @@ def vit_units(model):
                               "pos_embed", "pos_drop", "patch_drop", "norm_pre"),
                       _embed, "tokens")]
     for i in range(len(model.blocks)):
-        specs.append(UnitSpec(f"blocks.{i}", "block", (f"blocks.{i}",), _block(i), "tokens"))
+        specs.append(UnitSpec(f"blocks.{i}", "block", (f"blocks.{i}",), _block(i), "tokens",
+                              attention=f"blocks.{i}.attn"))
     specs.append(UnitSpec("head", "head",
                           present(model, "norm", "attn_pool", "fc_norm", "head_drop", "head",
                                   "head_dist"),

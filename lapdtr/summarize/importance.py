@@ -99,10 +99,11 @@ def _unit_name(unit) -> str:
 
 def attention_source(model: nn.Module, unit) -> nn.Module:
     """The module whose attention scores rank the output tokens of ``unit`` (a :class:`Unit`, a
-    unit name or index): for a ``vit`` or ``eva`` block unit ``blocks.i``,
-    ``model.blocks[i].attn``; for a ``tiny_vit`` block unit ``stages.i.blocks.j``, the block
-    itself (its window attention, :class:`WindowAttentionProbe`); for an ``efficientvit_b``
-    EfficientViT block, its ``LiteMLA`` (:class:`LinearAttentionProbe`)."""
+    unit name or index), as its adapter names it (``Unit.attention``): for a ``vit`` or ``eva``
+    block unit ``blocks.i``, ``model.blocks[i].attn``; for a ``tiny_vit`` block unit
+    ``stages.i.blocks.j``, the block itself (its window attention,
+    :class:`WindowAttentionProbe`); for an ``efficientvit_b`` EfficientViT block, its
+    ``LiteMLA`` (:class:`LinearAttentionProbe`)."""
     from lapdtr.models import get_adapter, units as list_units
 
     family = get_adapter(model).name
@@ -115,39 +116,26 @@ def attention_source(model: nn.Module, unit) -> nn.Module:
             raise ValueError(f"unit index {unit} is out of range 0..{len(names) - 1}")
         unit = names[unit]
     name = _unit_name(unit)
-    parts = name.split(".")
-    if family == "tiny_vit":
-        from timm.models.tiny_vit import TinyVitBlock
-
-        if len(parts) == 4 and parts[0] == "stages" and parts[2] == "blocks" \
-                and parts[1].isdigit() and parts[3].isdigit() \
-                and int(parts[1]) < len(model.stages):
-            blocks = getattr(model.stages[int(parts[1])], "blocks", ())
-            if int(parts[3]) < len(blocks) and isinstance(blocks[int(parts[3])], TinyVitBlock):
-                return blocks[int(parts[3])]
-        have = [f"stages.{i}.blocks.{j}" for i, st in enumerate(model.stages)
-                for j, b in enumerate(getattr(st, "blocks", ())) if isinstance(b, TinyVitBlock)]
-        raise ValueError(f"unit {name!r} of the tiny_vit model has no attention; units with one: "
-                         f"{have[0]} .. {have[-1]} (the attention blocks of its stages)")
-    if family == "efficientvit_b":
-        from timm.models.efficientvit_mit import EfficientVitBlock
-
-        if len(parts) == 4 and parts[0] == "stages" and parts[2] == "blocks" \
-                and parts[1].isdigit() and parts[3].isdigit() \
-                and int(parts[1]) < len(model.stages):
-            blocks = model.stages[int(parts[1])].blocks
-            if int(parts[3]) < len(blocks) and isinstance(blocks[int(parts[3])],
-                                                            EfficientVitBlock):
-                return blocks[int(parts[3])].context_module.main
-        have = [f"stages.{i}.blocks.{j}" for i, st in enumerate(model.stages)
-                for j, b in enumerate(st.blocks) if isinstance(b, EfficientVitBlock)]
-        raise ValueError(f"unit {name!r} of the efficientvit_b model has no attention; units "
-                         f"with one: {', '.join(have)} (its EfficientViT blocks)")
-    if len(parts) == 2 and parts[0] == "blocks" and parts[1].isdigit() \
-            and int(parts[1]) < len(model.blocks):
-        return model.blocks[int(parts[1])].attn
+    specs = None
+    attention = getattr(unit, "attention", None)
+    if not hasattr(unit, "attention"):  # a name: the adapter's unit of that name
+        specs = get_adapter(model).build(model)
+        attention = next((s.attention for s in specs if s.name == name), None)
+    if attention is not None:
+        return model.get_submodule(attention)
+    have = [s.name for s in (specs or get_adapter(model).build(model)) if s.attention is not None]
     raise ValueError(f"unit {name!r} of the {family} model has no attention; units with one: "
-                     f"blocks.0 .. blocks.{len(model.blocks) - 1}")
+                     f"{_span(have)}")
+
+
+def _span(names: list[str]) -> str:
+    """``blocks.0 .. blocks.11`` for a ViT's blocks; the names, up to 8; else the first and
+    the last, and how many."""
+    if len(names) > 1 and names == [f"blocks.{i}" for i in range(len(names))]:
+        return f"{names[0]} .. {names[-1]}"
+    if len(names) <= 8:
+        return ", ".join(names)
+    return f"{names[0]} .. {names[-1]} ({len(names)} units)"
 
 
 def importance_kind(model: nn.Module) -> str:

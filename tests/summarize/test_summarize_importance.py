@@ -120,3 +120,25 @@ def test_importance_kind_and_errors(deit):
         with AttentionProbe(deit.blocks[0].attn) as p:
             p.importance()
     assert torch.allclose(received_attention(q, q).sum(1), torch.ones(1))
+
+
+@pytest.mark.parametrize("name,kw,img,want", [
+    ("deit_tiny_patch16_224", {"depth": 2}, 64, {"blocks.0": "blocks.0.attn",
+                                                 "blocks.1": "blocks.1.attn"}),
+    ("vit_small_patch16_dinov3", {"depth": 2, "img_size": 64}, 64,
+     {"blocks.0": "blocks.0.attn", "blocks.1": "blocks.1.attn"}),
+    ("efficientvit_b0", {}, 64, {"stages.2.blocks.1": "stages.2.blocks.1.context_module.main",
+                                 "stages.2.blocks.2": "stages.2.blocks.2.context_module.main",
+                                 "stages.3.blocks.1": "stages.3.blocks.1.context_module.main",
+                                 "stages.3.blocks.2": "stages.3.blocks.2.context_module.main"}),
+])
+def test_adapters_name_the_attention_of_each_unit(name, kw, img, want):
+    import lapdtr
+
+    m = lapdtr.create_model(name, **kw)
+    ul = units(m, img)
+    assert {u.name: u.attention for u in ul if u.attention} == want
+    for u in ul:
+        if u.attention:
+            assert attention_source(m, u) is m.get_submodule(u.attention)
+            assert attention_source(m, u.name) is m.get_submodule(u.attention)
