@@ -123,8 +123,8 @@ def test_importance_kind_and_errors(deit):
 
 
 @pytest.mark.parametrize("name,kw,img,want", [
-    ("deit_tiny_patch16_224", {"depth": 2}, 64, {"blocks.0": "blocks.0.attn",
-                                                 "blocks.1": "blocks.1.attn"}),
+    ("deit_tiny_patch16_224", {"depth": 2}, 224, {"blocks.0": "blocks.0.attn",
+                                                  "blocks.1": "blocks.1.attn"}),
     ("vit_small_patch16_dinov3", {"depth": 2, "img_size": 64}, 64,
      {"blocks.0": "blocks.0.attn", "blocks.1": "blocks.1.attn"}),
     ("efficientvit_b0", {}, 64, {"stages.2.blocks.1": "stages.2.blocks.1.context_module.main",
