@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -53,6 +52,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _report import write_report  # benchmarks/_report.py (the script's folder)
 
 import torch
 
@@ -300,13 +301,7 @@ def main(argv=None) -> int:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             report["accuracy"] = accuracy_section(args, ckpt_dir)
         print_accuracy(report["accuracy"])
-    report["total_s"] = time.perf_counter() - t0
-    out = Path(args.out)
-    if out.suffix != ".json":
-        out = out / "elastic.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out} ({report['total_s']:.0f} s)")
+    write_report(report, args.out, "elastic.json", t0)
     return 0
 
 

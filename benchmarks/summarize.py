@@ -23,13 +23,14 @@ stage's compute.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from _report import write_report  # benchmarks/_report.py (the script's folder)
 
 import torch
 
@@ -177,13 +178,7 @@ def main(argv=None) -> int:
     res["target_ratio"] = TARGET_TIME_RATIO
     report["time"] = res
     print_time(res)
-    report["total_s"] = time.perf_counter() - t0
-    out = Path(args.out)
-    if out.suffix != ".json":
-        out = out / "summarize.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out} ({report['total_s']:.0f} s)")
+    write_report(report, args.out, "summarize.json", t0)
     return 0
 
 

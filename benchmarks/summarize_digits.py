@@ -56,6 +56,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import write_report  # benchmarks/_report.py (the script's folder)
+
 import torch
 import torch.nn.functional as F
 
@@ -384,13 +386,7 @@ def main(argv=None) -> int:
         print_sweep(cut, bench.boundary(cut).name, rows, len(y), why)
     report["summary"] = summary_lines(report["calibrated"], reported)
     print_summary(report["summary"], reported)
-    report["total_s"] = time.perf_counter() - t0
-    out = Path(args.out)
-    if out.suffix != ".json":
-        out = out / "summarize_digits.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out} ({report['total_s']:.0f} s)")
+    write_report(report, args.out, "summarize_digits.json", t0)
     return 0
 
 
